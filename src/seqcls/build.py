@@ -1,0 +1,231 @@
+"""The builder: the one place that calls hydra.utils.instantiate, in a fixed, visible order.
+
+    seed → process group → tokenizer → data → model → inject LoRA → freeze → shard → device
+    → optimizer over trainable parameters → LR schedule → trainer
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from seqcls import data as data_lib
+from seqcls.checkpoint import Checkpointer
+from seqcls.config import ConfigError
+from seqcls.distributed import DistInfo, init_distributed
+from seqcls.metrics import main_metric
+from seqcls.models import load_tokenizer
+from seqcls.trainer import Trainer
+
+log = logging.getLogger("seqcls")
+
+ALLOWED_TARGET_PREFIXES = ("seqcls.", "torch.optim.", "transformers.", "torchdata.", "datasets.")
+
+
+def check_targets(cfg: DictConfig, extra_prefixes: list[str]) -> None:
+    """Refuse any ``_target_`` outside the allowlist before anything is instantiated."""
+    allowed = ALLOWED_TARGET_PREFIXES + tuple(extra_prefixes)
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if target is not None and not str(target).startswith(allowed):
+                raise ConfigError(f"{path}._target_={target!r} is outside the allowed module prefixes "
+                                  f"{list(allowed)}; add its prefix to allowed_target_prefixes if you trust it")
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _call_reader(reader, split: str, dcfg: DictConfig):
+    """Pass a reader only the source fields it takes (path, data_dir, train_file, ...)."""
+    params = inspect.signature(reader).parameters
+    kwargs = {k: dcfg[k] for k in params if k != "split" and k in dcfg}
+    for k in ("column_names",):
+        if k in kwargs and kwargs[k] is not None:
+            kwargs[k] = list(kwargs[k])
+    return reader(split, **kwargs)
+
+
+def build_datasets(dcfg: DictConfig, tokenizer, *, with_test: bool = False) -> dict[str, Any]:
+    reader = get_method(dcfg._target_)
+    common = dict(text_fields=list(dcfg.text_fields), label_field=dcfg.label_field, num_labels=dcfg.num_labels,
+                  labels=list(dcfg.labels) if dcfg.labels else None, max_length=dcfg.max_length)
+    splits = {"train": dcfg.train_split, **{s: s for s in dcfg.validation_splits}}
+    if with_test and dcfg.test_split:
+        splits["test"] = dcfg.test_split
+    out = {}
+    for key, split in splits.items():
+        raw = _call_reader(reader, split, dcfg)
+        out[key] = data_lib.prepare_split(
+            raw, tokenizer, where=f"dataset split {split!r}", require_labels=key != "test",
+            limit=dcfg.limit_train_samples if key == "train" else None, **common)
+    data_lib.check_train_labels(out["train"], num_labels=dcfg.num_labels, where=f"dataset split {splits['train']!r}")
+    return out
+
+
+def build_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
+    """Instantiate the model group; LoRA is injected and everything else frozen when peft is on."""
+    mcfg = cfg.model
+    if mcfg.num_labels != cfg.dataset.num_labels:
+        raise ConfigError(f"model.num_labels={mcfg.num_labels} disagrees with dataset.num_labels={cfg.dataset.num_labels}; "
+                          f"leave model.num_labels at its default ${{dataset.num_labels}}")
+    kwargs = dict(num_labels=mcfg.num_labels, labels=list(cfg.dataset.labels) if cfg.dataset.labels else None,
+                  trust_remote_code=mcfg.trust_remote_code)
+    if mcfg._target_ == "seqcls.models.from_config":
+        kwargs.update(model_type=mcfg.model_type, tokenizer=tokenizer,
+                      config_overrides=OmegaConf.to_container(mcfg.config_overrides))
+    else:
+        kwargs.update(pretrained_model_name_or_path=mcfg.pretrained_model_name_or_path)
+    model = get_method(mcfg._target_)(**kwargs)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.dataset.max_length > max_pos - 2 and model.config.model_type in ("roberta", "xlm-roberta"):
+        raise ConfigError(f"dataset.max_length={cfg.dataset.max_length} exceeds what the model's position "
+                          f"embeddings hold ({max_pos - 2}); lower dataset.max_length")
+    if max_pos is not None and cfg.dataset.max_length > max_pos:
+        raise ConfigError(f"dataset.max_length={cfg.dataset.max_length} exceeds the model's "
+                          f"max_position_embeddings={max_pos}; lower dataset.max_length")
+    if cfg.peft.enabled:
+        from seqcls.lora import inject_lora, mark_trainable
+        inject_lora(model, target_modules=list(cfg.peft.target_modules), dim=cfg.peft.dim, alpha=cfg.peft.alpha,
+                    dropout=cfg.peft.dropout, exclude_modules=list(cfg.peft.exclude_modules),
+                    match_all_linear=cfg.peft.match_all_linear)
+        trainable, total = mark_trainable(model, modules_to_save=tuple(cfg.peft.modules_to_save))
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("parameters: %s trainable / %s total (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def step_plan(cfg: DictConfig, num_train: int, dist_info: DistInfo) -> dict[str, int]:
+    """Accumulation and step counts; a non-divisible batch combination is an error."""
+    sc = cfg.step_scheduler
+    dp = dist_info.world_size
+    if sc.global_batch_size % (sc.local_batch_size * dp) != 0:
+        raise ConfigError(f"step_scheduler.global_batch_size={sc.global_batch_size} is not divisible by "
+                          f"local_batch_size={sc.local_batch_size} x data-parallel size={dp}; pick sizes that divide")
+    accum = sc.global_batch_size // (sc.local_batch_size * dp)
+    batches_per_rank = (num_train // dp) // sc.local_batch_size
+    steps_per_epoch = batches_per_rank // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the training split has {num_train} examples, fewer than one global batch of "
+                          f"{sc.global_batch_size}; lower step_scheduler.global_batch_size")
+    total = sc.max_steps if sc.max_steps is not None else steps_per_epoch * sc.num_epochs
+    return {"grad_accum_steps": accum, "steps_per_epoch": steps_per_epoch, "total_steps": total}
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
+    check_targets(cfg, list(cfg.allowed_target_prefixes))
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    dist_info = init_distributed(backend=cfg.dist_env.backend, timeout_minutes=cfg.dist_env.timeout_minutes,
+                                 device=device)
+    if cfg.distributed.strategy == "none" and dist_info.world_size > 1:
+        raise ConfigError(f"{dist_info.world_size} processes were launched but distributed=none; "
+                          f"add distributed=fsdp2")
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.pretrained_model_name_or_path,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    splits = build_datasets(cfg.dataset, tokenizer)
+    plan = step_plan(cfg, len(splits["train"]), dist_info)
+
+    # Same seed, same initialisation: the head is drawn after the data, independent of its size.
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    if cfg.distributed.strategy == "fsdp2":
+        from seqcls.distributed import apply_fsdp2
+        model = apply_fsdp2(model, cfg.distributed, dist_info=dist_info, device=device)
+    else:
+        model.to(device)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = instantiate(cfg.optimizer)(params)
+    lr_lambda = instantiate(cfg.lr_scheduler)(plan["total_steps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    collate = instantiate(cfg.dataloader.collate_fn)(pad_token_id=tokenizer.pad_token_id)
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+    sampler = StatefulDistributedSampler(splits["train"], num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                         shuffle=True, seed=cfg.seed, drop_last=True)
+    loader_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.dataloader).items() if k not in ("_target_", "collate_fn")}
+    if not loader_kwargs.get("num_workers"):
+        loader_kwargs.pop("persistent_workers", None)
+    train_loader = get_method(cfg.dataloader._target_)(
+        splits["train"], batch_size=cfg.step_scheduler.local_batch_size, sampler=sampler, drop_last=True,
+        collate_fn=collate, **loader_kwargs)
+    vkwargs = {k: v for k, v in OmegaConf.to_container(cfg.validation_dataloader).items() if k not in ("_target_", "collate_fn")}
+    if not vkwargs.get("num_workers"):
+        vkwargs.pop("persistent_workers", None)
+    vcollate = instantiate(cfg.validation_dataloader.collate_fn)(pad_token_id=tokenizer.pad_token_id)
+    val_loaders = {
+        name: get_method(cfg.validation_dataloader._target_)(
+            splits[name], batch_size=cfg.step_scheduler.local_batch_size,
+            sampler=data_lib.ShardSampler(len(splits[name]), dist_info.rank, dist_info.world_size),
+            collate_fn=vcollate, **vkwargs)
+        for name in cfg.dataset.validation_splits}
+
+    best_metric = cfg.checkpoint.best_metric or main_metric(cfg.dataset.task, cfg.dataset.num_labels)
+    checkpointer = None
+    if cfg.checkpoint.enabled:
+        lora = None
+        if cfg.peft.enabled:
+            lora = {"scale": cfg.peft.alpha / cfg.peft.dim,
+                    "adapter": dict(base_model_name_or_path=cfg.model.pretrained_model_name_or_path,
+                                    dim=cfg.peft.dim, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
+                                    target_modules=list(cfg.peft.target_modules),
+                                    modules_to_save=list(cfg.peft.modules_to_save))}
+        checkpointer = Checkpointer(
+            Path(cfg.checkpoint.checkpoint_dir or run_dir / "checkpoints"), dist_info=dist_info, tokenizer=tokenizer,
+            save_consolidated=cfg.checkpoint.save_consolidated, keep_last_k=cfg.checkpoint.keep_last_k, lora=lora,
+            fingerprint=fingerprint(cfg))
+    return Trainer(
+        model=model, train_loader=train_loader, val_loaders=val_loaders, optimizer=optimizer, scheduler=scheduler,
+        device=device, dist_info=dist_info, run_dir=run_dir, task=cfg.dataset.task, num_labels=cfg.dataset.num_labels,
+        grad_accum_steps=plan["grad_accum_steps"], local_batch_size=cfg.step_scheduler.local_batch_size,
+        steps_per_epoch=plan["steps_per_epoch"], total_steps=plan["total_steps"],
+        num_epochs=cfg.step_scheduler.num_epochs, log_every_steps=cfg.step_scheduler.log_every_steps,
+        val_every_steps=cfg.step_scheduler.val_every_steps, ckpt_every_steps=cfg.step_scheduler.ckpt_every_steps,
+        max_grad_norm=cfg.step_scheduler.max_grad_norm, autocast_dtype=autocast_dtype(cfg.precision, device),
+        best_metric=best_metric, checkpointer=checkpointer)
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: the model and its label space."""
+    return {"model": cfg.model.pretrained_model_name_or_path or cfg.model.model_type,
+            "num_labels": cfg.dataset.num_labels, "peft": bool(cfg.peft.enabled),
+            "lora_dim": cfg.peft.dim if cfg.peft.enabled else None}

@@ -1,0 +1,254 @@
+"""Typed schemas for the run config, registered in Hydra's ConfigStore.
+
+conf/train.yaml puts ``train_schema`` first in its defaults list, so every group option is
+merged into these dataclasses: an unknown key or a wrong type fails at composition time with
+the key's name in the message, and the checks in ``__post_init__`` reject impossible values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's config; the message names the field and the fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class StepSchedulerConfig:
+    global_batch_size: int = 32
+    """Samples per optimizer step, across all data-parallel ranks and accumulation steps."""
+    local_batch_size: int = 32
+    """Samples per forward pass on one rank."""
+    num_epochs: int = 1
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides num_epochs when set)."""
+    val_every_steps: Optional[int] = None
+    """Validate every N optimizer steps; validation always runs at the end."""
+    ckpt_every_steps: Optional[int] = None
+    """Checkpoint every N optimizer steps; a checkpoint is always written at the end."""
+    log_every_steps: int = 10
+    """How often a train row goes to metrics.jsonl."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm to this value (null: no clipping)."""
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch_size", "local_batch_size", "num_epochs", "log_every_steps"):
+            _check(getattr(self, name) > 0, f"step_scheduler.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_steps", "val_every_steps", "ckpt_every_steps"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"step_scheduler.{name} must be > 0 or null, got {v}")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0,
+               f"step_scheduler.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = "seqcls.models.from_pretrained"
+    pretrained_model_name_or_path: Optional[str] = None
+    """Hub id or local directory of a Hugging Face model."""
+    tokenizer_name_or_path: Optional[str] = None
+    """Defaults to pretrained_model_name_or_path."""
+    model_type: Optional[str] = None
+    """For seqcls.models.from_config: the architecture (bert, roberta, ...)."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Fields of the HF model config to set (tiny models for tests)."""
+    num_labels: int = 2
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless you trust the model's author."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_labels >= 1, f"model.num_labels must be >= 1, got {self.num_labels}")
+
+
+@dataclass
+class DatasetConfig:
+    _target_: str = "seqcls.data.load_glue"
+    task: str = "classification"
+    """Metric family: a GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli),
+    'classification' (accuracy, + macro-F1 when num_labels > 2) or 'regression'."""
+    num_labels: int = 2
+    labels: Optional[list[str]] = None
+    """Label names in class-index order; needed when the data holds string labels."""
+    text_fields: list[str] = field(default_factory=lambda: ["sentence"])
+    label_field: str = "label"
+    max_length: int = 128
+    """Truncate tokenised inputs to this many tokens (batches are padded to their longest)."""
+    path: Optional[str] = None
+    """Hub dataset id for datasets.load_dataset (e.g. nyu-mll/glue)."""
+    name: Optional[str] = None
+    """Hub dataset config name (e.g. mrpc)."""
+    data_dir: Optional[str] = None
+    """Local folder with GLUE's TSV files (train.tsv, dev.tsv, test.tsv): the offline path."""
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    test_file: Optional[str] = None
+    column_names: Optional[list[str]] = None
+    """Column names for headerless csv/tsv files."""
+    train_split: str = "train"
+    validation_splits: list[str] = field(default_factory=lambda: ["validation"])
+    """Evaluated at every validation; the first one decides the best checkpoint."""
+    test_split: Optional[str] = "test"
+    limit_train_samples: Optional[int] = None
+    """Use only the first N training examples (quick runs)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_labels >= 1, f"dataset.num_labels must be >= 1, got {self.num_labels}")
+        _check(1 <= len(self.text_fields) <= 2,
+               f"dataset.text_fields takes one or two column names, got {list(self.text_fields)}")
+        _check(self.max_length > 0, f"dataset.max_length must be > 0, got {self.max_length}")
+        _check(len(self.validation_splits) >= 1, "dataset.validation_splits needs at least one split name")
+
+
+@dataclass
+class DataloaderConfig:
+    _target_: str = "torchdata.stateful_dataloader.StatefulDataLoader"
+    collate_fn: Any = field(default_factory=lambda: {"_target_": "seqcls.data.PadCollator", "_partial_": True})
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 2e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class LRSchedulerConfig:
+    _target_: str = "seqcls.trainer.warmup_decay_lambda"
+    _partial_: bool = True
+    decay: str = "linear"
+    """linear, cosine or constant after warm-up."""
+    warmup_ratio: float = 0.0
+    """Fraction of the total steps spent warming up linearly from 0."""
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.decay in ("linear", "cosine", "constant"),
+               f"lr_scheduler.decay must be linear, cosine or constant, got {self.decay!r}")
+        _check(0 <= self.warmup_ratio < 1, f"lr_scheduler.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class PeftConfig:
+    enabled: bool = False
+    target_modules: list[str] = field(default_factory=list)
+    """Globs over module names, e.g. ['*.query', '*.value']."""
+    exclude_modules: list[str] = field(default_factory=list)
+    match_all_linear: bool = False
+    dim: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    modules_to_save: list[str] = field(default_factory=lambda: ["classifier", "score"])
+
+    def __post_init__(self) -> None:
+        _check(self.dim > 0, f"peft.dim must be > 0, got {self.dim}")
+        _check(0 <= self.dropout < 1, f"peft.dropout must be in [0, 1), got {self.dropout}")
+        if self.enabled:
+            _check(bool(self.target_modules) or self.match_all_linear,
+                   "peft.target_modules is empty: set globs such as ['*.query','*.value'] or peft.match_all_linear=true")
+
+
+@dataclass
+class DistEnvConfig:
+    backend: str = "auto"
+    """auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    timeout_minutes: int = 10
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "none"
+    """none (one process, no sharding) or fsdp2."""
+    dp_size: Optional[int] = None
+    """Shard group size; null: world size / dp_replicate_size."""
+    dp_replicate_size: int = 1
+    """> 1 is HSDP: replicate across groups of dp_size ranks."""
+    tp_size: int = 1
+    cp_size: int = 1
+    sequence_parallel: bool = False
+    reshard_after_forward: bool = True
+    param_dtype: Optional[str] = "bfloat16"
+    """FSDP2 mixed-precision parameter dtype on GPU (fp32 on CPU)."""
+    reduce_dtype: Optional[str] = "float32"
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in ("none", "fsdp2"),
+               f"distributed.strategy must be none or fsdp2, got {self.strategy!r}")
+        _check(self.tp_size == 1, f"distributed.tp_size={self.tp_size}: tensor parallelism is not built yet; set tp_size=1")
+        _check(self.cp_size == 1, f"distributed.cp_size={self.cp_size}: context parallelism is not built yet; set cp_size=1")
+        _check(self.dp_replicate_size >= 1, f"distributed.dp_replicate_size must be >= 1, got {self.dp_replicate_size}")
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    checkpoint_dir: Optional[str] = None
+    """Defaults to <run_dir>/checkpoints."""
+    model_save_format: str = "safetensors"
+    save_consolidated: bool = True
+    """Write a Hugging Face directory (config, tokenizer, model.safetensors) at each checkpoint."""
+    restore_from: Optional[str] = "latest"
+    """latest (resume if the run dir has a checkpoint), a checkpoint path, or none."""
+    keep_last_k: Optional[int] = 2
+    best_metric: Optional[str] = None
+    """Validation metric that picks BEST; null: the task's main metric."""
+
+    def __post_init__(self) -> None:
+        _check(self.model_save_format == "safetensors",
+               f"checkpoint.model_save_format={self.model_save_format!r}: only safetensors is supported")
+        _check(self.keep_last_k is None or self.keep_last_k >= 1,
+               f"checkpoint.keep_last_k must be >= 1 or null, got {self.keep_last_k}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    peft: PeftConfig = MISSING
+    distributed: DistributedConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    lr_scheduler: LRSchedulerConfig = MISSING
+    step_scheduler: StepSchedulerConfig = field(default_factory=StepSchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
+    validation_dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
+    dist_env: DistEnvConfig = field(default_factory=DistEnvConfig)
+    seed: int = 42
+    """One seed for data order, initialisation and dropout."""
+    run_dir: Optional[str] = None
+    """Where the run writes; null: Hydra's output dir."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    allowed_target_prefixes: list[str] = field(default_factory=list)
+    """Extra module prefixes that `_target_` values may name, beyond the built-in allowlist."""
+
+    def __post_init__(self) -> None:
+        _check(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

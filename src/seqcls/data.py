@@ -1,0 +1,243 @@
+"""Data: readers (hub, GLUE TSV, local files), label checks, tokenisation, padding, samplers.
+
+Every reader returns a ``datasets.Dataset`` whose columns carry the hub's names (for GLUE:
+sentence1/sentence2/label, ...), so one dataset config works online and offline.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import datasets
+import torch
+from torch.utils.data import Sampler
+
+from seqcls.config import ConfigError
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file or row and the fix."""
+
+
+# GLUE's own TSV layout → the column names of the hub's nyu-mll/glue.
+_GLUE_RENAME = {
+    "mrpc": {"Quality": "label", "#1 String": "sentence1", "#2 String": "sentence2"},
+    "qqp": {"is_duplicate": "label"},
+    "stsb": {"score": "label"},
+    "mnli": {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
+}
+_GLUE_HEADERLESS = {"cola": ["source", "label", "original_label", "sentence"]}
+_GLUE_FILES = {
+    "train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv",
+    "validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv",
+    "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv",
+}
+
+
+def read_table(path: str | os.PathLike, *, column_names: Optional[Sequence[str]] = None) -> dict[str, list]:
+    """Read a csv/tsv/jsonl/json/parquet file into columns.
+
+    TSV is read with quoting off (GLUE files hold unbalanced quotes) and a UTF-8 BOM is dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path} (check the path; relative paths start at {Path.cwd()})")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tsv", ".csv", ".txt"):
+            delim = "," if suffix == ".csv" else "\t"
+            quoting = csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                rows = list(csv.reader(f, delimiter=delim, quoting=quoting))
+            header = list(column_names) if column_names else (rows.pop(0) if rows else [])
+            cols: dict[str, list] = {h: [] for h in header}
+            for lineno, row in enumerate(rows, start=1 if column_names else 2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{lineno}: malformed row with {len(row)} fields, expected {len(header)} "
+                                    f"({header}); fix the row or set dataset.column_names")
+                for h, v in zip(header, row):
+                    cols[h].append(v)
+            return cols
+        if suffix in (".jsonl", ".json"):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            if suffix == ".json" and text.lstrip().startswith("["):
+                records = json.loads(text)
+            else:
+                records = []
+                for lineno, line in enumerate(text.splitlines(), start=1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); one JSON object per line") from None
+            keys = list(dict.fromkeys(k for r in records for k in r))
+            return {k: [r.get(k) for r in records] for k in keys}
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+            return pq.read_table(path).to_pydict()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8") from None
+    except PermissionError:
+        raise DataError(f"{path}: cannot be read (permission denied); fix its permissions") from None
+    raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
+
+
+def load_glue(split: str, *, task: str, data_dir: Optional[str] = None, path: str = "nyu-mll/glue",
+              name: Optional[str] = None) -> datasets.Dataset:
+    """One split of a GLUE task: from GLUE's TSV files in ``data_dir`` if given, else from the hub."""
+    if data_dir is None:
+        return load_hub(split, path=path, name=name or task)
+    if split not in _GLUE_FILES:
+        raise ConfigError(f"GLUE split {split!r} has no TSV file; known splits: {sorted(_GLUE_FILES)}")
+    file = Path(data_dir) / _GLUE_FILES[split]
+    if not Path(data_dir).is_dir():
+        raise DataError(f"dataset.data_dir={data_dir} is not a directory; point it at a folder with GLUE's TSV files")
+    cols = read_table(file, column_names=_GLUE_HEADERLESS.get(task))
+    rename = _GLUE_RENAME.get(task, {})
+    cols = {rename.get(k, k): v for k, v in cols.items()}
+    return datasets.Dataset.from_dict(cols)
+
+
+def load_hub(split: str, *, path: str, name: Optional[str] = None) -> datasets.Dataset:
+    """One split of a hub dataset through datasets.load_dataset (the path for users online)."""
+    try:
+        return datasets.load_dataset(path, name, split=split)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
+        if isinstance(e, ValueError):
+            raise
+        raise DataError(f"cannot load dataset {path}{'/' + name if name else ''} split {split!r} from the hub "
+                        f"({type(e).__name__}); offline, use dataset.data_dir=DIR (GLUE TSV files) or "
+                        f"dataset=files with local files") from None
+
+
+def load_files(split: str, *, train_file: Optional[str] = None, validation_file: Optional[str] = None,
+               test_file: Optional[str] = None, column_names: Optional[Sequence[str]] = None) -> datasets.Dataset:
+    """One split from local files: 'train', 'validation' or 'test'."""
+    files = {"train": train_file, "validation": validation_file, "test": test_file}
+    if split not in files:
+        raise ConfigError(f"dataset=files has splits train, validation and test, not {split!r}")
+    if files[split] is None:
+        raise ConfigError(f"dataset.{split}_file is not set; pass dataset.{split}_file=PATH")
+    return datasets.Dataset.from_dict(read_table(files[split], column_names=column_names))
+
+
+def encode_labels(values: Sequence[Any], *, num_labels: int, labels: Optional[Sequence[str]],
+                  where: str) -> list:
+    """Labels as class indices (or floats for regression), checked against num_labels."""
+    if num_labels == 1:
+        try:
+            return [float(v) for v in values]
+        except (TypeError, ValueError):
+            bad = next(i for i, v in enumerate(values) if not _is_float(v))
+            raise DataError(f"{where}: row {bad} has label {values[bad]!r}, not a number; regression needs numeric labels") from None
+    index = {name: i for i, name in enumerate(labels)} if labels else {}
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, str):
+            v = v.strip()
+            if v in index:
+                out.append(index[v])
+                continue
+            if v.lstrip("-").isdigit():
+                v = int(v)
+            elif labels:
+                raise DataError(f"{where}: row {i} has label {v!r}, not one of dataset.labels={list(labels)}")
+            else:
+                raise DataError(f"{where}: row {i} has string label {v!r}; set dataset.labels=[...] "
+                                f"to the label names in class-index order")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < num_labels:
+            raise DataError(f"{where}: row {i} has label {v!r}, outside 0..{num_labels - 1}; "
+                            f"fix the row or set dataset.num_labels")
+        out.append(v)
+    return out
+
+
+def _is_float(v: Any) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def prepare_split(ds: datasets.Dataset, tokenizer, *, text_fields: Sequence[str], label_field: str,
+                  num_labels: int, labels: Optional[Sequence[str]], max_length: int, where: str,
+                  require_labels: bool = True, limit: Optional[int] = None) -> datasets.Dataset:
+    """Check columns and labels, tokenise (pairs as pairs, truncated at max_length, no padding).
+
+    Returns a dataset with input_ids, attention_mask (token_type_ids) and, when labeled, labels.
+    """
+    if len(ds) == 0:
+        raise DataError(f"{where}: the split is empty; check the file or split name")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    missing = [c for c in text_fields if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{where}: text column(s) {missing} not found; columns are {ds.column_names} "
+                        f"(set dataset.text_fields)")
+    has_labels = label_field in ds.column_names
+    if require_labels and not has_labels:
+        raise DataError(f"{where}: label column {label_field!r} not found; columns are {ds.column_names} "
+                        f"(set dataset.label_field)")
+    columns = {c: ["" if t is None else str(t) for t in ds[c]] for c in text_fields}
+    enc = tokenizer(*[columns[c] for c in text_fields], truncation=True, max_length=max_length)
+    out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    if has_labels:
+        raw = ds[label_field]
+        if not require_labels and any(v in (None, "", -1) for v in raw):
+            has_labels = False  # an unlabeled test split (GLUE's hub test sets use -1)
+        else:
+            out["labels"] = encode_labels(raw, num_labels=num_labels, labels=labels, where=where)
+    return datasets.Dataset.from_dict(out)
+
+
+def check_train_labels(ds: datasets.Dataset, *, num_labels: int, where: str) -> None:
+    """A classification training split must hold at least two classes."""
+    if num_labels > 1 and len(set(ds["labels"])) < 2:
+        raise DataError(f"{where}: every example has the same label; a classifier needs at least two classes")
+
+
+class PadCollator:
+    """Pad a list of tokenised examples to the longest one in the batch (dynamic padding)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch: dict[str, torch.Tensor] = {}
+        for key, pad in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
+            if key in examples[0]:
+                t = torch.full((len(examples), length), pad, dtype=torch.long)
+                for i, e in enumerate(examples):
+                    t[i, : len(e[key])] = torch.tensor(e[key], dtype=torch.long)
+                batch[key] = t
+        if "labels" in examples[0]:
+            batch["labels"] = torch.tensor([e["labels"] for e in examples])
+        return batch
+
+
+class ShardSampler(Sampler[int]):
+    """Every index exactly once across ranks, no padding: rank r takes r, r+W, r+2W, ..."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, num_samples, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -1,0 +1,79 @@
+"""Model and tokenizer loaders named by the model group's ``_target_``."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Optional
+
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedModel, PreTrainedTokenizerBase)
+
+from seqcls.config import ConfigError
+
+OFFLINE_HINT = ("offline, use a local directory (model.pretrained_model_name_or_path=DIR) "
+                "or model=minilm_l6, whose weights install with the package")
+
+
+def package_dir(package: str, subdir: str = "") -> str:
+    """Folder inside an installed Python package (OmegaConf resolver ``seqcls.package_dir``)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"package {package!r} is not installed; pip install {package.replace('_', '-')}")
+    return str(Path(list(spec.submodule_search_locations)[0]) / subdir)
+
+
+def _label_kwargs(num_labels: int, labels: Optional[list[str]]) -> dict[str, Any]:
+    kw: dict[str, Any] = {"num_labels": num_labels}
+    if num_labels == 1:
+        kw["problem_type"] = "regression"
+    elif labels:
+        kw["id2label"] = dict(enumerate(labels))
+        kw["label2id"] = {name: i for i, name in enumerate(labels)}
+    return kw
+
+
+def _is_local(name_or_path: str) -> bool:
+    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+
+
+def from_pretrained(pretrained_model_name_or_path: str, *, num_labels: int, labels: Optional[list[str]] = None,
+                    trust_remote_code: bool = False, **_: Any) -> PreTrainedModel:
+    """A pretrained encoder with a freshly initialised classification head."""
+    if pretrained_model_name_or_path is None:
+        raise ConfigError("model.pretrained_model_name_or_path is not set; pass a hub id or a local directory")
+    if _is_local(pretrained_model_name_or_path) and not Path(pretrained_model_name_or_path).is_dir():
+        raise ConfigError(f"model path {pretrained_model_name_or_path} does not exist; "
+                          f"pass an existing Hugging Face model directory")
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            pretrained_model_name_or_path, trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=True, **_label_kwargs(num_labels, labels))
+    except OSError as e:
+        if _is_local(pretrained_model_name_or_path):
+            raise ConfigError(f"{pretrained_model_name_or_path} is not a loadable Hugging Face model directory "
+                              f"({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"cannot load model {pretrained_model_name_or_path!r} from the hub "
+                          f"(no network or no such model); {OFFLINE_HINT}") from None
+
+
+def from_config(model_type: str, *, num_labels: int, labels: Optional[list[str]] = None,
+                config_overrides: Optional[dict] = None, tokenizer: Optional[PreTrainedTokenizerBase] = None,
+                **_: Any) -> PreTrainedModel:
+    """A randomly initialised model of ``model_type`` (tiny models for tests), sized by config_overrides."""
+    overrides = dict(config_overrides or {})
+    if tokenizer is not None:
+        overrides.setdefault("vocab_size", len(tokenizer))
+        overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
+    config = AutoConfig.for_model(model_type, **overrides, **_label_kwargs(num_labels, labels))
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    if _is_local(name_or_path) and not Path(name_or_path).is_dir():
+        raise ConfigError(f"tokenizer path {name_or_path} does not exist; pass an existing directory")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError:
+        raise ConfigError(f"cannot load the tokenizer of {name_or_path!r} (no network or no such model); "
+                          f"{OFFLINE_HINT}") from None

@@ -1,0 +1,243 @@
+"""The training loop: read it top to bottom in ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from seqcls.distributed import DistInfo, all_gather_objects, all_reduce_sum
+from seqcls.metrics import compute_metrics
+
+log = logging.getLogger("seqcls")
+
+
+def warmup_decay_lambda(total_steps: int, *, decay: str = "linear", warmup_ratio: float = 0.0,
+                        min_lr_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier for LambdaLR: linear warm-up from 0, then linear/cosine decay to min_lr_ratio."""
+    warmup = int(round(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+    return factor
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object a line), written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+class Trainer:
+    """Owns the loop; everything it trains with is built by seqcls.build and handed in."""
+
+    def __init__(self, *, model: torch.nn.Module, train_loader, val_loaders: dict[str, Any], optimizer,
+                 scheduler, device: torch.device, dist_info: DistInfo, run_dir: Path, task: str, num_labels: int,
+                 grad_accum_steps: int, local_batch_size: int, steps_per_epoch: int, total_steps: int,
+                 num_epochs: int, log_every_steps: int, val_every_steps: Optional[int],
+                 ckpt_every_steps: Optional[int], max_grad_norm: Optional[float], autocast_dtype: Optional[torch.dtype],
+                 best_metric: str, checkpointer=None):
+        self.model, self.train_loader, self.val_loaders = model, train_loader, val_loaders
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.device, self.dist = device, dist_info
+        self.run_dir, self.task, self.num_labels = run_dir, task, num_labels
+        self.grad_accum_steps, self.local_batch_size = grad_accum_steps, local_batch_size
+        self.steps_per_epoch, self.total_steps, self.num_epochs = steps_per_epoch, total_steps, num_epochs
+        self.log_every_steps, self.val_every_steps, self.ckpt_every_steps = log_every_steps, val_every_steps, ckpt_every_steps
+        self.max_grad_norm, self.autocast_dtype = max_grad_norm, autocast_dtype
+        self.best_metric, self.checkpointer = best_metric, checkpointer
+        self.metrics_log = MetricsLog(run_dir / "metrics.jsonl", dist_info.is_writer)
+        # Progress state, saved in checkpoints.
+        self.step, self.epoch, self.batches_into_epoch = 0, 0, 0
+        self.best: dict[str, Any] = {"metric": best_metric, "value": None, "step": None}
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batches_into_epoch": self.batches_into_epoch,
+                "best": dict(self.best)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batches_into_epoch = int(state["batches_into_epoch"])
+        self.best = dict(state["best"])
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.num_labels == 1:
+            return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches.
+
+        Each rank's loss is its summed example loss divided by the examples it sees in the step
+        (local_batch_size x accumulation); FSDP averages gradients over the data-parallel ranks,
+        so the gradient is that of the mean loss over the global batch.
+        Returns (summed loss of this rank's examples, grad norm) as device tensors: no host sync.
+        """
+        self.model.train()
+        denom = self.local_batch_size * self.grad_accum_steps
+        loss_total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            batch = self._to_device(batch)
+            labels = batch.pop("labels")
+            sync = i == len(micro_batches) - 1
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch
+                self.model.set_requires_gradient_sync(sync)
+            with self._autocast():
+                logits = self.model(**batch).logits
+            loss_sum = self._loss_sum(logits, labels)
+            (loss_sum / denom).backward()
+            loss_total += loss_sum.detach()
+        if self.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        else:
+            grad_norm = torch.zeros((), device=self.device)
+        self.optimizer.step()
+        self.scheduler.step()
+        # Flush the gradients as soon as we can: frees memory before the next forward.
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict[str, float]:
+        """Metrics over every example of the split exactly once (each rank holds a disjoint shard)."""
+        self.model.eval()
+        logits_parts, label_parts = [], []
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in loader:
+            batch = self._to_device(batch)
+            labels = batch.pop("labels")
+            with self._autocast():
+                logits = self.model(**batch).logits
+            loss_sum += self._loss_sum(logits, labels)
+            logits_parts.append(logits.float())
+            label_parts.append(labels)
+        logits = torch.cat(logits_parts).cpu().numpy() if logits_parts else np.zeros((0, self.num_labels), np.float32)
+        labels = torch.cat(label_parts).cpu().numpy() if label_parts else np.zeros((0,))
+        gathered = all_gather_objects((logits, labels, float(loss_sum)), self.dist)
+        logits = np.concatenate([g[0] for g in gathered])
+        labels = np.concatenate([g[1] for g in gathered])
+        metrics = compute_metrics(self.task, self.num_labels, logits, labels)
+        metrics["loss"] = sum(g[2] for g in gathered) / max(1, len(labels))
+        metrics["num_examples"] = int(len(labels))
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        """Run every validation split, log it, and update the best-metric bookkeeping."""
+        first = None
+        for name, loader in self.val_loaders.items():
+            m = self.evaluate(loader)
+            self.metrics_log.write({"step": self.step, "epoch": self.epoch, "split": "validation", "name": name, **m})
+            if self.dist.is_writer:
+                log.info("step %d validation %s: %s", self.step, name,
+                         " ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
+            first = first or m
+        value = first[self.best_metric]
+        if self.best["value"] is None or value > self.best["value"]:
+            self.best = {"metric": self.best_metric, "value": value, "step": self.step, "metrics": first}
+        self.last_validation = first
+        return first
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        start = time.time()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.dist.is_writer and sys.stderr.isatty()))
+        self.last_validation: Optional[dict[str, float]] = None
+        window_loss = torch.zeros((), device=self.device)
+        window_examples, window_start = 0, time.time()
+        # First step at which the loss was not finite; -1 while all is well. Kept on the device.
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        done = self.step >= self.total_steps
+        while not done:
+            if hasattr(self.train_loader.sampler, "set_epoch"):
+                self.train_loader.sampler.set_epoch(self.epoch)
+            batches = iter(self.train_loader)
+            while self.batches_into_epoch + self.grad_accum_steps <= self.steps_per_epoch * self.grad_accum_steps:
+                micro = [next(batches) for _ in range(self.grad_accum_steps)]
+                self.batches_into_epoch += self.grad_accum_steps
+                loss_sum, grad_norm = self.train_step(micro)
+                self.step += 1
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum),
+                                       torch.full_like(bad_step, self.step), bad_step)
+                window_loss += loss_sum
+                window_examples += self.local_batch_size * self.grad_accum_steps * self.dist.world_size
+                bar.update(1)
+                last = self.step >= self.total_steps
+                if self.step % self.log_every_steps == 0 or last:
+                    self._check_finite(bad_step)
+                    loss = float(all_reduce_sum(window_loss, self.dist)) / max(1, window_examples)
+                    elapsed = time.time() - window_start
+                    row = {"step": self.step, "epoch": self.epoch, "split": "train", "loss": loss,
+                           "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                           "samples_per_s": window_examples / max(elapsed, 1e-9)}
+                    self.metrics_log.write(row)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if self.dist.is_writer and bar.disable:  # plain log lines when no progress bar
+                        log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s", self.step,
+                                 self.total_steps, self.epoch, loss, row["lr"], row["samples_per_s"])
+                    window_loss.zero_()
+                    window_examples, window_start = 0, time.time()
+                if last or (self.val_every_steps and self.step % self.val_every_steps == 0):
+                    self.validate()
+                if self.checkpointer is not None and (
+                        last or self.stop_requested or (self.ckpt_every_steps and self.step % self.ckpt_every_steps == 0)):
+                    self._check_finite(bad_step)
+                    self.checkpointer.save(self)
+                if last or self.stop_requested:
+                    done = True
+                    break
+            else:
+                for _ in batches:  # the tail that does not fill a step; drained so the next epoch starts clean
+                    pass
+                self.epoch += 1
+                self.batches_into_epoch = 0
+        bar.close()
+        return {"steps": self.step, "epochs_completed": self.epoch, "wall_time_s": time.time() - start,
+                "final": self.last_validation, "best": self.best, "stopped_early": self.stop_requested and self.step < self.total_steps}
+
+    def _check_finite(self, bad_step: torch.Tensor) -> None:
+        s = int(bad_step)
+        if s >= 0:
+            raise NonFiniteLossError(f"the loss became NaN or inf at step {s}; lower optimizer.lr or check the "
+                                     f"data (no checkpoint was written from that step on)")

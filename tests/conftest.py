@@ -1,0 +1,62 @@
+"""Shared fixtures: compose the real config with overrides, and a small learnable dataset."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import seqcls  # noqa: F401
+from seqcls.train import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A tiny, dropout-free model and short runs: what most tests train.
+TINY = ["model=tiny_bert", "peft=none", "+model.config_overrides.hidden_dropout_prob=0.0",
+        "+model.config_overrides.attention_probs_dropout_prob=0.0"]
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def write_synthetic(folder: Path, *, n_train: int = 256, n_val: int = 64, seed: int = 0) -> Path:
+    """A learnable task: label 1 when the text holds a 'good' word, 0 when it holds a 'bad' one."""
+    rng = random.Random(seed)
+    good, bad = ["great", "good", "excellent", "fine", "happy"], ["awful", "bad", "terrible", "poor", "sad"]
+    filler = ["the", "movie", "was", "really", "a", "plot", "actor", "film", "quite", "story"]
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            words = rng.sample(filler, 4) + [rng.choice(good if label else bad)]
+            rng.shuffle(words)
+            out.append((" ".join(words), label))
+        return out
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("dev", n_val), ("test", n_val)):
+        with open(folder / f"{name}.csv", "w") as f:
+            f.write("text,label\n")
+            for text, label in rows(n):
+                f.write(f"{text},{label}\n")
+    return folder
+
+
+@pytest.fixture
+def synthetic_dir(tmp_path) -> Path:
+    return write_synthetic(tmp_path / "data")
+
+
+def synthetic_overrides(data_dir: Path, run_dir: Path) -> list[str]:
+    return TINY + ["dataset=files", f"dataset.train_file={data_dir}/train.csv",
+                   f"dataset.validation_file={data_dir}/dev.csv", f"dataset.test_file={data_dir}/test.csv",
+                   "dataset.max_length=32", f"run_dir={run_dir}", "optimizer.lr=1e-3",
+                   "step_scheduler.global_batch_size=16", "step_scheduler.local_batch_size=16",
+                   "step_scheduler.log_every_steps=4"]
