@@ -1,0 +1,81 @@
+"""End-to-end runs of the trainer on a tiny model: learning, saving, accumulation, determinism."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from seqcls.build import build_trainer
+from seqcls.train import run
+from tests.conftest import compose_cfg, synthetic_overrides
+
+
+def read_rows(run_dir, split):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def test_tiny_model_learns_a_learnable_task_and_writes_its_run_dir(tmp_path, synthetic_dir):
+    run_dir = tmp_path / "run"
+    results = run(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+        "step_scheduler.num_epochs=6", "step_scheduler.val_every_steps=4"]))
+    val = read_rows(run_dir, "validation")
+    assert val[0]["accuracy"] < 0.75 and results["final"]["accuracy"] >= 0.9
+    assert val[-1]["num_examples"] == 64  # every validation example, once
+    train = read_rows(run_dir, "train")
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert {"step", "epoch", "loss", "lr", "samples_per_s"} <= set(train[0])
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["steps"] == results["steps"] == 6 * (256 // 16)
+    assert saved["best"]["metric"] == "accuracy" and saved["best"]["value"] >= 0.9
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == f"step_{saved['steps']:08d}"
+
+
+def test_saved_directory_reloads_with_transformers_and_gives_equal_logits(tmp_path, synthetic_dir):
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + ["step_scheduler.max_steps=3"])
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit()
+    model_dir = run_dir / "checkpoints" / "step_00000003" / "model"
+    reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batch = tok(["the movie was great", "awful plot"], padding=True, return_tensors="pt")
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(trainer.model(**batch).logits, reloaded(**batch).logits, atol=1e-6)
+    assert set(load_file(model_dir / "model.safetensors")) == set(trainer.model.state_dict())
+
+
+def final_weights(tmp_path, synthetic_dir, name, overrides):
+    run_dir = tmp_path / name
+    trainer = build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + overrides + [
+        "step_scheduler.max_steps=4", "step_scheduler.log_every_steps=1", "checkpoint.enabled=false"]), run_dir)
+    trainer.fit()
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}, [r["loss"] for r in read_rows(run_dir, "train")]
+
+
+def test_accumulating_two_micro_batches_of_4_equals_one_batch_of_8(tmp_path, synthetic_dir):
+    w_acc, loss_acc = final_weights(tmp_path, synthetic_dir, "acc", [
+        "step_scheduler.global_batch_size=8", "step_scheduler.local_batch_size=4"])
+    w_one, loss_one = final_weights(tmp_path, synthetic_dir, "one", [
+        "step_scheduler.global_batch_size=8", "step_scheduler.local_batch_size=8"])
+    assert loss_acc == pytest.approx(loss_one, abs=1e-6)
+    for k in w_one:
+        torch.testing.assert_close(w_acc[k], w_one[k], atol=1e-6, rtol=0)
+
+
+def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path, synthetic_dir):
+    w1, l1 = final_weights(tmp_path, synthetic_dir, "a", ["seed=3"])
+    w2, l2 = final_weights(tmp_path, synthetic_dir, "b", ["seed=3"])
+    w3, l3 = final_weights(tmp_path, synthetic_dir, "c", ["seed=4"])
+    assert l1 == l2 and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert l1 != l3
+
+
+def test_non_divisible_batch_sizes_are_refused(tmp_path, synthetic_dir):
+    from seqcls.config import ConfigError
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path / "r") + ["step_scheduler.global_batch_size=12",
+                                                                             "step_scheduler.local_batch_size=8"])
+    with pytest.raises(ConfigError, match="not divisible"):
+        build_trainer(cfg, tmp_path / "r")
