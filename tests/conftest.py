@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
+# Tiny models run fastest on one thread, and the suite shares 2 cores: no thread oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import seqcls  # noqa: F401
 from seqcls.train import CONF_DIR
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -94,3 +94,41 @@ def test_collator_pads_to_the_longest_in_the_batch_not_a_fixed_length():
 def test_shard_sampler_covers_every_index_once_without_padding():
     shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(11))
+
+
+def test_global_batches_hold_the_same_examples_however_split_over_ranks_and_accumulation():
+    from seqcls.data import GlobalBatchSampler
+    lengths = [(i * 37) % 50 + 1 for i in range(100)]
+    one = list(GlobalBatchSampler(lengths, local_batch_size=8, grad_accum_steps=1, seed=5))
+    split = [list(GlobalBatchSampler(lengths, local_batch_size=2, grad_accum_steps=2, rank=r, world_size=2, seed=5))
+             for r in range(2)]
+    assert len(one) == 100 // 8 and all(len(s) == 2 * (100 // 8) for s in split)
+    for step, batch in enumerate(one):
+        pieces = split[0][2 * step: 2 * step + 2] + split[1][2 * step: 2 * step + 2]
+        assert sorted(i for p in pieces for i in p) == sorted(batch)
+
+
+def test_length_grouping_cuts_padding_and_changes_order_each_epoch():
+    from seqcls.data import GlobalBatchSampler
+    lengths = [(i * 37) % 97 + 3 for i in range(512)]
+
+    def padded(s):
+        return sum(len(b) * max(lengths[i] for i in b) for b in s)
+
+    grouped = GlobalBatchSampler(lengths, local_batch_size=16, grad_accum_steps=1, seed=1)
+    plain = GlobalBatchSampler(lengths, local_batch_size=16, grad_accum_steps=1, seed=1, group_by_length=False)
+    e0 = list(grouped)
+    assert padded(e0) < 0.8 * padded(list(plain))
+    assert sorted(i for b in e0 for i in b) == sorted(set(i for b in e0 for i in b))  # no repeats
+    assert list(grouped) != e0  # the next epoch draws a new order
+
+
+def test_batch_sampler_resumes_mid_epoch_from_its_state():
+    from seqcls.data import GlobalBatchSampler
+    a = GlobalBatchSampler(list(range(64)), local_batch_size=4, grad_accum_steps=2, seed=9)
+    it = iter(a)
+    head = [next(it) for _ in range(5)]
+    b = GlobalBatchSampler(list(range(64)), local_batch_size=4, grad_accum_steps=2, seed=9)
+    b.load_state_dict(a.state_dict())
+    rest = list(b)
+    assert head + rest == list(GlobalBatchSampler(list(range(64)), local_batch_size=4, grad_accum_steps=2, seed=9))

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -18,9 +20,9 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seqcls import data as data_lib
-from seqcls.checkpoint import Checkpointer
+from seqcls.checkpoint import Checkpointer, read_pointer
 from seqcls.config import ConfigError
-from seqcls.distributed import DistInfo, init_distributed
+from seqcls.distributed import DistInfo, broadcast_object, init_distributed
 from seqcls.metrics import main_metric
 from seqcls.models import load_tokenizer
 from seqcls.trainer import Trainer
@@ -151,8 +153,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     check_targets(cfg, list(cfg.allowed_target_prefixes))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    # fsdp2 in one process without a launcher still shards (over a one-rank group), so that a
+    # single-GPU run takes the same code path as a multi-GPU one.
     dist_info = init_distributed(backend=cfg.dist_env.backend, timeout_minutes=cfg.dist_env.timeout_minutes,
-                                 device=device)
+                                 device=device, single_process_group=cfg.distributed.strategy == "fsdp2")
+    # Hydra's time-stamped output dir can differ between ranks started a second apart: rank 0's wins.
+    run_dir = Path(broadcast_object(str(run_dir), dist_info))
     if cfg.distributed.strategy == "none" and dist_info.world_size > 1:
         raise ConfigError(f"{dist_info.world_size} processes were launched but distributed=none; "
                           f"add distributed=fsdp2")
@@ -167,7 +173,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     # Same seed, same initialisation: the head is drawn after the data, independent of its size.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
-    if cfg.distributed.strategy == "fsdp2":
+    if cfg.distributed.strategy == "fsdp2":  # after LoRA and freezing, before the optimizer sees the parameters
         from seqcls.distributed import apply_fsdp2
         model = apply_fsdp2(model, cfg.distributed, dist_info=dist_info, device=device)
     else:
@@ -179,16 +185,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
     collate = instantiate(cfg.dataloader.collate_fn)(pad_token_id=tokenizer.pad_token_id)
-    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
-    sampler = StatefulDistributedSampler(splits["train"], num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                         shuffle=True, seed=cfg.seed, drop_last=True)
-    loader_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.dataloader).items() if k not in ("_target_", "collate_fn")}
+    batch_sampler = data_lib.GlobalBatchSampler(
+        [len(x) for x in splits["train"]["input_ids"]], local_batch_size=cfg.step_scheduler.local_batch_size,
+        grad_accum_steps=plan["grad_accum_steps"], rank=dist_info.rank, world_size=dist_info.world_size,
+        seed=cfg.seed, group_by_length=cfg.dataloader.group_by_length)
+    loader_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.dataloader).items()
+                     if k not in ("_target_", "collate_fn", "group_by_length")}
     if not loader_kwargs.get("num_workers"):
         loader_kwargs.pop("persistent_workers", None)
     train_loader = get_method(cfg.dataloader._target_)(
-        splits["train"], batch_size=cfg.step_scheduler.local_batch_size, sampler=sampler, drop_last=True,
-        collate_fn=collate, **loader_kwargs)
-    vkwargs = {k: v for k, v in OmegaConf.to_container(cfg.validation_dataloader).items() if k not in ("_target_", "collate_fn")}
+        splits["train"], batch_sampler=batch_sampler, collate_fn=collate,
+        # Its own generator: creating an iterator draws a worker seed, which must not move the global
+        # RNG that dropout uses (a resumed run creates its iterator at another point than the original).
+        generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
+    vkwargs = {k: v for k, v in OmegaConf.to_container(cfg.validation_dataloader).items()
+               if k not in ("_target_", "collate_fn", "group_by_length")}
     if not vkwargs.get("num_workers"):
         vkwargs.pop("persistent_workers", None)
     vcollate = instantiate(cfg.validation_dataloader.collate_fn)(pad_token_id=tokenizer.pad_token_id)
@@ -213,7 +224,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
             Path(cfg.checkpoint.checkpoint_dir or run_dir / "checkpoints"), dist_info=dist_info, tokenizer=tokenizer,
             save_consolidated=cfg.checkpoint.save_consolidated, keep_last_k=cfg.checkpoint.keep_last_k, lora=lora,
             fingerprint=fingerprint(cfg))
-    return Trainer(
+    trainer = Trainer(
         model=model, train_loader=train_loader, val_loaders=val_loaders, optimizer=optimizer, scheduler=scheduler,
         device=device, dist_info=dist_info, run_dir=run_dir, task=cfg.dataset.task, num_labels=cfg.dataset.num_labels,
         grad_accum_steps=plan["grad_accum_steps"], local_batch_size=cfg.step_scheduler.local_batch_size,
@@ -222,6 +233,41 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
         val_every_steps=cfg.step_scheduler.val_every_steps, ckpt_every_steps=cfg.step_scheduler.ckpt_every_steps,
         max_grad_norm=cfg.step_scheduler.max_grad_norm, autocast_dtype=autocast_dtype(cfg.precision, device),
         best_metric=best_metric, checkpointer=checkpointer)
+    if checkpointer is not None:
+        resume(trainer, checkpointer, cfg.checkpoint.restore_from, run_dir)
+    return trainer
+
+
+def resume(trainer: Trainer, checkpointer: Checkpointer, restore_from: Optional[str], run_dir: Path) -> None:
+    """Continue from a checkpoint; never start a fresh run over one that exists."""
+    path = checkpointer.find(restore_from)
+    if path is None:
+        if restore_from in (None, "none", "null") and read_pointer(checkpointer.root, "LATEST") is not None:
+            raise ConfigError(f"{checkpointer.root} already holds checkpoints and checkpoint.restore_from=none; "
+                              f"pass a new run_dir, or checkpoint.restore_from=latest to resume")
+        if trainer.dist.is_writer and (run_dir / "metrics.jsonl").exists():
+            # A run that died before its first checkpoint: keep its rows aside, start clean.
+            set_aside_metrics(run_dir, after_step=-1)
+        return
+    checkpointer.load(trainer, path)
+    if trainer.dist.is_writer:
+        set_aside_metrics(run_dir, after_step=trainer.step)
+
+
+def set_aside_metrics(run_dir: Path, *, after_step: int) -> None:
+    """Move metrics.jsonl rows past the resumed step to metrics.discarded.jsonl (they are redone)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep, drop = [], []
+    for line in path.read_text().splitlines():
+        (keep if json.loads(line)["step"] <= after_step else drop).append(line + "\n")
+    if drop:
+        with open(run_dir / "metrics.discarded.jsonl", "a") as f:
+            f.writelines(drop)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:

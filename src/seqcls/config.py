@@ -7,6 +7,7 @@ the key's name in the message, and the checks in ``__post_init__`` reject imposs
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -116,6 +117,8 @@ class DataloaderConfig:
     num_workers: int = 0
     pin_memory: bool = False
     persistent_workers: bool = False
+    group_by_length: bool = True
+    """Training batches hold examples of similar length (less padding); validation ignores it."""
 
 
 @dataclass
@@ -187,9 +190,12 @@ class DistributedConfig:
     cp_size: int = 1
     sequence_parallel: bool = False
     reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward (re-gathered in backward): less memory,
+    one more all-gather per block. false keeps them until backward."""
     param_dtype: Optional[str] = "bfloat16"
-    """FSDP2 mixed-precision parameter dtype on GPU (fp32 on CPU)."""
+    """FSDP2 mixed-precision parameter dtype on GPU (fp32 on CPU); null: the parameters' own (fp32)."""
     reduce_dtype: Optional[str] = "float32"
+    """Dtype of the gradient reduce-scatter/all-reduce on GPU (fp32 on CPU); null: param_dtype."""
 
     def __post_init__(self) -> None:
         _check(self.strategy in ("none", "fsdp2"),
@@ -197,6 +203,10 @@ class DistributedConfig:
         _check(self.tp_size == 1, f"distributed.tp_size={self.tp_size}: tensor parallelism is not built yet; set tp_size=1")
         _check(self.cp_size == 1, f"distributed.cp_size={self.cp_size}: context parallelism is not built yet; set cp_size=1")
         _check(self.dp_replicate_size >= 1, f"distributed.dp_replicate_size must be >= 1, got {self.dp_replicate_size}")
+        _check(self.dp_size is None or self.dp_size >= 1, f"distributed.dp_size must be >= 1 or null, got {self.dp_size}")
+        for name in ("param_dtype", "reduce_dtype"):
+            _check(getattr(self, name) in (None, "bfloat16", "float16", "float32"),
+                   f"distributed.{name} must be bfloat16, float16, float32 or null, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -252,3 +262,8 @@ class TrainConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    # conf/hydra/launcher/submitit_{slurm,local}.yaml share their names with hydra-submitit-launcher's
+    # schemas, so the usual `hydra/launcher=submitit_slurm` picks them, and Hydra validates them against
+    # those schemas (a misspelt field fails) but calls that deprecated on every launch: silence only that.
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_(slurm|local)' is validated against "
+                                              r"ConfigStore schema with the same name")

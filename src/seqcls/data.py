@@ -241,3 +241,65 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Yields this rank's micro-batches so that every optimizer step sees one global batch.
+
+    Each epoch draws a seeded permutation. With ``group_by_length`` the permutation is cut into
+    mega-batches of ``mega_batch_mult`` global batches, each sorted by length, so a batch holds
+    examples of similar length and dynamic padding wastes little; the order of the global batches
+    is then shuffled again. A global batch of G = local x accum x world examples goes to rank r as
+    its slice [r*local*accum, (r+1)*local*accum), cut into ``accum`` micro-batches: the examples of
+    a step do not depend on how they are split over ranks and accumulation.
+    Resumable: state_dict holds the epoch and the micro-batches already yielded in it.
+    """
+
+    def __init__(self, lengths: Sequence[int], *, local_batch_size: int, grad_accum_steps: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, group_by_length: bool = True, mega_batch_mult: int = 16):
+        self.lengths = list(lengths)
+        self.local, self.accum, self.rank, self.world = local_batch_size, grad_accum_steps, rank, world_size
+        self.seed, self.group_by_length, self.mega_batch_mult = seed, group_by_length, mega_batch_mult
+        self.global_batch = local_batch_size * grad_accum_steps * world_size
+        self.steps_per_epoch = len(self.lengths) // self.global_batch
+        self.epoch, self.yielded = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.yielded = epoch, 0
+
+    def global_batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        batches = [perm[i: i + self.global_batch] for i in range(0, self.steps_per_epoch * self.global_batch,
+                                                                      self.global_batch)]
+        if self.group_by_length:
+            flat = [i for b in batches for i in b]
+            mega = self.global_batch * self.mega_batch_mult
+            flat = [i for s in range(0, len(flat), mega)
+                    for i in sorted(flat[s: s + mega], key=lambda i: -self.lengths[i])]
+            batches = [flat[i: i + self.global_batch] for i in range(0, len(flat), self.global_batch)]
+            order = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in order]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        span = self.local * self.accum
+        micro = []
+        for gb in self.global_batches():
+            mine = gb[self.rank * span: (self.rank + 1) * span]
+            micro.extend(mine[j: j + self.local] for j in range(0, span, self.local))
+        start = self.yielded
+        for b in micro[start:]:
+            self.yielded += 1
+            yield b
+        self.epoch, self.yielded = self.epoch + 1, 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.accum
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])

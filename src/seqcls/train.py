@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 import seqcls  # noqa: F401  (registers the schema and resolvers)
 from seqcls.config import ConfigError
 from seqcls.data import DataError
-from seqcls.trainer import NonFiniteLossError
+from seqcls.distributed import launcher_rank, shutdown_distributed
+from seqcls.trainer import NonFiniteLossError, StopSignal
 
 log = logging.getLogger("seqcls")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -36,6 +39,8 @@ def setup_logging(is_writer: bool) -> None:
                         format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not is_writer:  # the same Python warnings would print once per rank; rank 0 shows them
+        warnings.simplefilter("ignore")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -44,12 +49,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     OmegaConf.to_object(cfg)  # runs the schema checks (__post_init__) on the composed values
     run_dir = resolve_run_dir(cfg)
-    setup_logging(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0)
-    trainer = build_trainer(cfg, run_dir)
+    setup_logging(launcher_rank() == 0)
+    trainer = build_trainer(cfg, run_dir)  # resumes from the run dir's latest checkpoint if there is one
+    run_dir = trainer.run_dir
+    if trainer.step >= trainer.total_steps and (run_dir / "results.json").exists():
+        shutdown_distributed(trainer.dist)
+        log.info("the run in %s is already complete; its results stay as they are (pass a new run_dir "
+                 "to train again)", run_dir)
+        return json.loads((run_dir / "results.json").read_text())
     if trainer.dist.is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    results = trainer.fit()
+    trainer.stop_signal = StopSignal()
+    try:
+        results = trainer.fit()
+    finally:
+        trainer.stop_signal.restore()
+        shutdown_distributed(trainer.dist)
+    if results["stopped_early"]:
+        log.warning("stopped by signal at step %d after saving a checkpoint; re-run the same command to resume",
+                    results["steps"])
+        trainer.stop_signal.forward_or_exit()
     if trainer.dist.is_writer:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         final = results["final"] or {}
@@ -59,15 +79,38 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def record_failure(cfg: DictConfig, error: Exception) -> None:
+    """Rank 0 writes <run_dir>/error.txt (the error, then its traceback): seqcls.report lists it."""
+    if launcher_rank() != 0:
+        return
+    try:
+        run_dir = resolve_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
+    except Exception:  # no run dir to write to: the error still reaches the caller
+        pass
+
+
+def in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    """Returns the best validation value of the main metric: what a --multirun sweeper optimises."""
     try:
         results = run(cfg)
-    except USER_ERRORS as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        record_failure(cfg, e)
+        # In a sweep the error goes to Hydra, which marks this point failed and lets the others finish.
+        if isinstance(e, USER_ERRORS) and not in_sweep() and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    if launcher_rank() == 0:  # a re-run that succeeds in the same run dir is no longer failed
+        (resolve_run_dir(cfg) / "error.txt").unlink(missing_ok=True)
     best = results["best"]["value"]
     return float(best) if best is not None else None
 

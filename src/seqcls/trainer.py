@@ -6,7 +6,9 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from seqcls.distributed import DistInfo, all_gather_objects, all_reduce_sum
+from seqcls.distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum
 from seqcls.metrics import compute_metrics
 
 log = logging.getLogger("seqcls")
@@ -41,6 +43,38 @@ def warmup_decay_lambda(total_steps: int, *, decay: str = "linear", warmup_ratio
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; re-run to resume
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR2 (what Slurm sends before preemption or time-out) ask for a checkpoint at the
+    next step boundary instead of killing the run mid-step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self):
+        self.requested, self.signum = False, None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested, self.signum = True, signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def forward_or_exit(self) -> None:
+        """After the checkpoint: hand the signal to whoever handled it before (submitit requeues the
+        job there), else exit with EXIT_PREEMPTED."""
+        prev = self.previous.get(self.signum)
+        if callable(prev):
+            prev(self.signum, None)
+        sys.exit(EXIT_PREEMPTED)
 
 
 class MetricsLog:
@@ -73,21 +107,31 @@ class Trainer:
         self.log_every_steps, self.val_every_steps, self.ckpt_every_steps = log_every_steps, val_every_steps, ckpt_every_steps
         self.max_grad_norm, self.autocast_dtype = max_grad_norm, autocast_dtype
         self.best_metric, self.checkpointer = best_metric, checkpointer
+        if dist_info.is_writer:
+            run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl", dist_info.is_writer)
         # Progress state, saved in checkpoints.
         self.step, self.epoch, self.batches_into_epoch = 0, 0, 0
         self.best: dict[str, Any] = {"metric": best_metric, "value": None, "step": None}
+        # Train loss summed since the last train row of metrics.jsonl (kept so a resumed run logs the same rows).
+        self.window_loss = torch.zeros((), device=device)
+        self.window_examples = 0
         self.stop_requested = False
+        self.stop_signal = None  # set by the caller: an object whose .requested turns True on SIGTERM/SIGUSR2
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batches_into_epoch": self.batches_into_epoch,
-                "best": dict(self.best)}
+                "best": dict(self.best), "window_loss": float(all_reduce_sum(self.window_loss, self.dist)),
+                "window_examples": self.window_examples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batches_into_epoch = int(state["batches_into_epoch"])
         self.best = dict(state["best"])
+        # The summed loss of all ranks goes to rank 0; the train row sums it over ranks again.
+        self.window_loss.fill_(state["window_loss"] if self.dist.is_writer else 0.0)
+        self.window_examples = int(state["window_examples"])
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -144,8 +188,20 @@ class Trainer:
         self.model.eval()
         logits_parts, label_parts = [], []
         loss_sum = torch.zeros((), device=self.device)
-        for batch in loader:
-            batch = self._to_device(batch)
+        # Shards differ by one example when the split does not divide, but under FSDP every forward
+        # all-gathers with every rank: a rank with fewer batches runs one-token filler forwards
+        # (outputs dropped) until all have run as many as the rank with the most.
+        num_batches = len(loader)
+        max_batches = int(all_reduce_max(torch.tensor(num_batches, device=self.device), self.dist))
+        batches = iter(loader)
+        for i in range(max_batches):
+            if i >= num_batches:
+                filler = {"input_ids": torch.zeros((1, 1), dtype=torch.long),
+                          "attention_mask": torch.ones((1, 1), dtype=torch.long)}
+                with self._autocast():
+                    self.model(**self._to_device(filler))
+                continue
+            batch = self._to_device(next(batches))
             labels = batch.pop("labels")
             with self._autocast():
                 logits = self.model(**batch).logits
@@ -184,14 +240,14 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.dist.is_writer and sys.stderr.isatty()))
         self.last_validation: Optional[dict[str, float]] = None
-        window_loss = torch.zeros((), device=self.device)
-        window_examples, window_start = 0, time.time()
+        window_start = time.time()
         # First step at which the loss was not finite; -1 while all is well. Kept on the device.
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         done = self.step >= self.total_steps
+        if done and self.step > 0:  # resumed from the final checkpoint: only the final metrics are missing
+            self.validate()
         while not done:
-            if hasattr(self.train_loader.sampler, "set_epoch"):
-                self.train_loader.sampler.set_epoch(self.epoch)
+            self.train_loader.batch_sampler.set_epoch(self.epoch)
             batches = iter(self.train_loader)
             while self.batches_into_epoch + self.grad_accum_steps <= self.steps_per_epoch * self.grad_accum_steps:
                 micro = [next(batches) for _ in range(self.grad_accum_steps)]
@@ -200,24 +256,25 @@ class Trainer:
                 self.step += 1
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum),
                                        torch.full_like(bad_step, self.step), bad_step)
-                window_loss += loss_sum
-                window_examples += self.local_batch_size * self.grad_accum_steps * self.dist.world_size
+                self.window_loss += loss_sum
+                self.window_examples += self.local_batch_size * self.grad_accum_steps * self.dist.world_size
                 bar.update(1)
                 last = self.step >= self.total_steps
                 if self.step % self.log_every_steps == 0 or last:
                     self._check_finite(bad_step)
-                    loss = float(all_reduce_sum(window_loss, self.dist)) / max(1, window_examples)
+                    loss = float(all_reduce_sum(self.window_loss, self.dist)) / max(1, self.window_examples)
                     elapsed = time.time() - window_start
                     row = {"step": self.step, "epoch": self.epoch, "split": "train", "loss": loss,
                            "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                           "samples_per_s": window_examples / max(elapsed, 1e-9)}
+                           "samples_per_s": self.window_examples / max(elapsed, 1e-9)}
                     self.metrics_log.write(row)
                     bar.set_postfix(loss=f"{loss:.4f}")
                     if self.dist.is_writer and bar.disable:  # plain log lines when no progress bar
                         log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s", self.step,
                                  self.total_steps, self.epoch, loss, row["lr"], row["samples_per_s"])
-                    window_loss.zero_()
-                    window_examples, window_start = 0, time.time()
+                    self.window_loss.zero_()
+                    self.window_examples, window_start = 0, time.time()
+                self._poll_stop(at_sync_point=self.step % self.log_every_steps == 0 or last)
                 if last or (self.val_every_steps and self.step % self.val_every_steps == 0):
                     self.validate()
                 if self.checkpointer is not None and (
@@ -236,8 +293,24 @@ class Trainer:
         return {"steps": self.step, "epochs_completed": self.epoch, "wall_time_s": time.time() - start,
                 "final": self.last_validation, "best": self.best, "stopped_early": self.stop_requested and self.step < self.total_steps}
 
+    def _poll_stop(self, *, at_sync_point: bool) -> None:
+        """Turn a pending SIGTERM/SIGUSR2 into stop_requested, on every rank at the same step.
+
+        One process checks every step; several agree at the log steps, where they sync anyway.
+        """
+        if self.stop_signal is None:
+            return
+        if self.dist.world_size == 1:
+            self.stop_requested = self.stop_requested or self.stop_signal.requested
+        elif at_sync_point:
+            flag = torch.tensor(int(self.stop_signal.requested), device=self.device)
+            self.stop_requested = self.stop_requested or bool(all_reduce_max(flag, self.dist))
+
     def _check_finite(self, bad_step: torch.Tensor) -> None:
-        s = int(bad_step)
-        if s >= 0:
+        # Every rank must raise together, or the others wait in the next collective until the timeout:
+        # agree on the earliest bad step of any rank (a min, written as a max of negatives).
+        never = torch.full_like(bad_step, 2**62)
+        s = -int(all_reduce_max(-torch.where(bad_step < 0, never, bad_step), self.dist))
+        if s < 2**62:
             raise NonFiniteLossError(f"the loss became NaN or inf at step {s}; lower optimizer.lr or check the "
                                      f"data (no checkpoint was written from that step on)")
