@@ -23,6 +23,7 @@ from seqcls import data as data_lib
 from seqcls.checkpoint import Checkpointer, read_pointer
 from seqcls.config import ConfigError
 from seqcls.distributed import DistInfo, broadcast_object, init_distributed
+from seqcls.loggers import build_loggers
 from seqcls.metrics import main_metric
 from seqcls.models import load_tokenizer
 from seqcls.trainer import Trainer
@@ -98,6 +99,23 @@ def build_datasets(dcfg: DictConfig, tokenizer, *, with_test: bool = False) -> d
     return out
 
 
+def build_split(dcfg: DictConfig, tokenizer, split: str) -> Any:
+    """One split, tokenised as in training, for seqcls.evaluate: ``train``, ``validation`` (the first of
+    dataset.validation_splits) and ``test`` name the run's splits; any other name goes to the reader.
+    Labels are kept when the split has them (check for a ``labels`` column)."""
+    reader = get_method(dcfg._target_)
+    named = {"train": dcfg.train_split, "validation": dcfg.validation_splits[0], "test": dcfg.test_split}
+    source = named.get(split, split)
+    if source is None:
+        raise ConfigError(f"the run's dataset has no {split} split (dataset.test_split is null); "
+                          f"name the split, or set dataset.test_split")
+    return data_lib.prepare_split(
+        _call_reader(reader, source, dcfg), tokenizer, where=f"dataset split {source!r}", require_labels=False,
+        text_fields=list(dcfg.text_fields), label_field=dcfg.label_field, num_labels=dcfg.num_labels,
+        labels=list(dcfg.labels) if dcfg.labels else None, max_length=dcfg.max_length,
+        limit=dcfg.limit_train_samples if source == dcfg.train_split else None)
+
+
 def build_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
     """Instantiate the model group; LoRA is injected and everything else frozen when peft is on."""
     mcfg = cfg.model
@@ -121,9 +139,12 @@ def build_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
                           f"max_position_embeddings={max_pos}; lower dataset.max_length")
     if cfg.peft.enabled:
         from seqcls.lora import inject_lora, mark_trainable
-        inject_lora(model, target_modules=list(cfg.peft.target_modules), dim=cfg.peft.dim, alpha=cfg.peft.alpha,
-                    dropout=cfg.peft.dropout, exclude_modules=list(cfg.peft.exclude_modules),
-                    match_all_linear=cfg.peft.match_all_linear)
+        try:
+            inject_lora(model, target_modules=list(cfg.peft.target_modules), dim=cfg.peft.dim,
+                        alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
+                        exclude_modules=list(cfg.peft.exclude_modules), match_all_linear=cfg.peft.match_all_linear)
+        except ValueError as e:  # a glob that matches nothing, or a non-Linear target: the user's config
+            raise ConfigError(f"peft: {e}") from None
         trainable, total = mark_trainable(model, modules_to_save=tuple(cfg.peft.modules_to_save))
     else:
         total = sum(p.numel() for p in model.parameters())
@@ -232,7 +253,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
         num_epochs=cfg.step_scheduler.num_epochs, log_every_steps=cfg.step_scheduler.log_every_steps,
         val_every_steps=cfg.step_scheduler.val_every_steps, ckpt_every_steps=cfg.step_scheduler.ckpt_every_steps,
         max_grad_norm=cfg.step_scheduler.max_grad_norm, autocast_dtype=autocast_dtype(cfg.precision, device),
-        best_metric=best_metric, checkpointer=checkpointer)
+        best_metric=best_metric, checkpointer=checkpointer,
+        loggers=build_loggers(cfg.logger, run_dir=run_dir, is_writer=dist_info.is_writer,
+                              run_config=OmegaConf.to_container(cfg, resolve=True)))
     if checkpointer is not None:
         resume(trainer, checkpointer, cfg.checkpoint.restore_from, run_dir)
     return trainer

@@ -90,6 +90,50 @@ def read_table(path: str | os.PathLike, *, column_names: Optional[Sequence[str]]
     raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
 
 
+def iter_records(path: str | os.PathLike, *, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Read a csv/tsv/jsonl file in chunks of at most ``chunk_size`` rows (dicts keyed by column), with
+    read_table's conventions (tsv unquoted, UTF-8 BOM dropped): any file size in bounded memory."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path} (check the path; relative paths start at {Path.cwd()})")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl"):
+        raise DataError(f"{path}: cannot stream {suffix!r} files; use .csv, .tsv or .jsonl")
+
+    def rows(f) -> Iterator[dict[str, Any]]:
+        if suffix == ".jsonl":
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); one JSON object per line") from None
+            return
+        reader = csv.reader(f, delimiter="," if suffix == ".csv" else "\t",
+                            quoting=csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE)
+        header = next(reader, [])
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{reader.line_num}: malformed row with {len(row)} fields, expected "
+                                f"{len(header)} ({header}); fix the row")
+            yield dict(zip(header, row))
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            chunk: list[dict[str, Any]] = []
+            for row in rows(f):
+                chunk.append(row)
+                if len(chunk) == chunk_size:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8") from None
+
+
 def load_glue(split: str, *, task: str, data_dir: Optional[str] = None, path: str = "nyu-mll/glue",
               name: Optional[str] = None) -> datasets.Dataset:
     """One split of a GLUE task: from GLUE's TSV files in ``data_dir`` if given, else from the hub."""
@@ -108,6 +152,8 @@ def load_glue(split: str, *, task: str, data_dir: Optional[str] = None, path: st
 
 def load_hub(split: str, *, path: str, name: Optional[str] = None) -> datasets.Dataset:
     """One split of a hub dataset through datasets.load_dataset (the path for users online)."""
+    from seqcls.models import go_offline_if_hub_unreachable
+    go_offline_if_hub_unreachable()
     try:
         return datasets.load_dataset(path, name, split=split)
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:

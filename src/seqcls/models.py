@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +34,27 @@ def _label_kwargs(num_labels: int, labels: Optional[list[str]]) -> dict[str, Any
     return kw
 
 
+def go_offline_if_hub_unreachable() -> None:
+    """Without network, huggingface_hub retries each request for ~30 s before failing. When the
+    hub's name does not even resolve, switch to offline mode at once (the local cache still works)."""
+    import socket
+
+    import huggingface_hub.constants as hf_constants
+    if hf_constants.HF_HUB_OFFLINE:
+        return
+    host = hf_constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        hf_constants.HF_HUB_OFFLINE = True
+        try:
+            import datasets.config
+            datasets.config.HF_HUB_OFFLINE = True
+        except ImportError:
+            pass
+
+
 def _is_local(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
 
@@ -45,6 +67,8 @@ def from_pretrained(pretrained_model_name_or_path: str, *, num_labels: int, labe
     if _is_local(pretrained_model_name_or_path) and not Path(pretrained_model_name_or_path).is_dir():
         raise ConfigError(f"model path {pretrained_model_name_or_path} does not exist; "
                           f"pass an existing Hugging Face model directory")
+    if not _is_local(pretrained_model_name_or_path):
+        go_offline_if_hub_unreachable()
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             pretrained_model_name_or_path, trust_remote_code=trust_remote_code,
@@ -72,6 +96,8 @@ def from_config(model_type: str, *, num_labels: int, labels: Optional[list[str]]
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     if _is_local(name_or_path) and not Path(name_or_path).is_dir():
         raise ConfigError(f"tokenizer path {name_or_path} does not exist; pass an existing directory")
+    if not _is_local(name_or_path):
+        go_offline_if_hub_unreachable()
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError:

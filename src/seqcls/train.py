@@ -13,16 +13,19 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import seqcls  # noqa: F401  (registers the schema and resolvers)
 from seqcls.config import ConfigError
 from seqcls.data import DataError
 from seqcls.distributed import launcher_rank, shutdown_distributed
+from seqcls.loggers import plot_curves
 from seqcls.trainer import NonFiniteLossError, StopSignal
 
 log = logging.getLogger("seqcls")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-USER_ERRORS = (ConfigError, DataError, NonFiniteLossError)
+# Mistakes a user can make: one line on stderr, exit code 2, no traceback (HYDRA_FULL_ERROR=1 shows it).
+USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, OmegaConfBaseException)
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -37,7 +40,7 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 def setup_logging(is_writer: bool) -> None:
     logging.basicConfig(level=logging.INFO if is_writer else logging.ERROR,
                         format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not is_writer:  # the same Python warnings would print once per rank; rank 0 shows them
         warnings.simplefilter("ignore")
@@ -59,13 +62,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return json.loads((run_dir / "results.json").read_text())
     if trainer.dist.is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if not (run_dir / "config.yaml").exists():  # a resumed run keeps the config it started with
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     trainer.stop_signal = StopSignal()
     try:
         results = trainer.fit()
     finally:
         trainer.stop_signal.restore()
+        trainer.metrics_log.close()
         shutdown_distributed(trainer.dist)
+    if trainer.dist.is_writer:
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     if results["stopped_early"]:
         log.warning("stopped by signal at step %d after saving a checkpoint; re-run the same command to resume",
                     results["steps"])
@@ -75,13 +82,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         final = results["final"] or {}
         log.info("done: %d steps in %.1f s; final validation %s; best %s=%.4f at step %s", results["steps"],
                  results["wall_time_s"], " ".join(f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float)),
-                 results["best"]["metric"], results["best"]["value"] or float("nan"), results["best"]["step"])
+                 results["best"]["metric"], float("nan") if results["best"]["value"] is None else results["best"]["value"],
+                 results["best"]["step"])
     return results
 
 
 def record_failure(cfg: DictConfig, error: Exception) -> None:
-    """Rank 0 writes <run_dir>/error.txt (the error, then its traceback): seqcls.report lists it."""
-    if launcher_rank() != 0:
+    """In a sweep, rank 0 writes <run_dir>/error.txt (the error, then its traceback): seqcls.report
+    lists it. A single run only prints: a mistyped re-run must not write into an existing run dir."""
+    if launcher_rank() != 0 or not in_sweep():
         return
     try:
         run_dir = resolve_run_dir(cfg)
@@ -106,7 +115,8 @@ def main(cfg: DictConfig) -> float | None:
         record_failure(cfg, e)
         # In a sweep the error goes to Hydra, which marks this point failed and lets the others finish.
         if isinstance(e, USER_ERRORS) and not in_sweep() and os.environ.get("HYDRA_FULL_ERROR") != "1":
-            print(f"error: {e}", file=sys.stderr)
+            msg = str(e).strip().splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e)
+            print(f"error: {msg}", file=sys.stderr)
             sys.exit(2)
         raise
     if launcher_rank() == 0:  # a re-run that succeeds in the same run dir is no longer failed
