@@ -12,7 +12,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from seqcls.config import ConfigError
 from tests.conftest import REPO, compose_cfg
 
-GROUPS = ["model", "dataset", "peft", "distributed", "optimizer", "lr_scheduler"]
+GROUPS = ["model", "dataset", "peft", "distributed", "optimizer", "lr_scheduler", "logger"]
 
 
 def options(group):

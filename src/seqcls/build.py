@@ -153,6 +153,27 @@ def build_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
     return model
 
 
+def use_compile(cfg: DictConfig, device: torch.device) -> bool:
+    if cfg.compile.enabled is None:
+        return device.type == "cuda"
+    return bool(cfg.compile.enabled)
+
+
+def compile_model(model: torch.nn.Module, *, mode: str, sharded: bool) -> torch.nn.Module:
+    """Compile in place (nn.Module.compile): parameters, state-dict keys and .config stay as they are.
+
+    Under FSDP2 each transformer block is compiled on its own, between the all-gathers FSDP's hooks
+    issue; CUDA graphs are left out there (collectives inside a graph need more care than this).
+    """
+    if sharded:
+        from seqcls.distributed import find_transformer_blocks
+        for block in find_transformer_blocks(model):
+            block.compile(mode="max-autotune-no-cudagraphs" if "autotune" in mode else "default", dynamic=False)
+    else:
+        model.compile(mode=mode, dynamic=False)
+    return model
+
+
 def step_plan(cfg: DictConfig, num_train: int, dist_info: DistInfo) -> dict[str, int]:
     """Accumulation and step counts; a non-divisible batch combination is an error."""
     sc = cfg.step_scheduler
@@ -200,12 +221,28 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     else:
         model.to(device)
 
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    compiled = use_compile(cfg, device)
+    if cfg.peft.enabled and cfg.compile.bf16_frozen_weights and amp_dtype == torch.bfloat16 \
+            and cfg.distributed.strategy == "none":
+        # Autocast runs the matmuls in bf16 anyway: frozen fp32 copies only cost memory and bandwidth.
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = instantiate(cfg.optimizer)(params)
+    opt_kwargs = {}
+    if cfg.optimizer._target_ in ("torch.optim.AdamW", "torch.optim.Adam") and device.type == "cuda" \
+            and cfg.distributed.strategy == "none":
+        opt_kwargs["fused"] = True  # one kernel for the whole update instead of a few per tensor
+    optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)
+    if compiled:
+        model = compile_model(model, mode=cfg.compile.mode, sharded=cfg.distributed.strategy == "fsdp2")
     lr_lambda = instantiate(cfg.lr_scheduler)(plan["total_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
-    collate = instantiate(cfg.dataloader.collate_fn)(pad_token_id=tokenizer.pad_token_id)
+    bucket = cfg.compile.length_bucket if compiled else None
+    collate = instantiate(cfg.dataloader.collate_fn)(pad_token_id=tokenizer.pad_token_id,
+                                                     pad_to_multiple_of=bucket)
     batch_sampler = data_lib.GlobalBatchSampler(
         [len(x) for x in splits["train"]["input_ids"]], local_batch_size=cfg.step_scheduler.local_batch_size,
         grad_accum_steps=plan["grad_accum_steps"], rank=dist_info.rank, world_size=dist_info.world_size,
@@ -214,19 +251,24 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
                      if k not in ("_target_", "collate_fn", "group_by_length")}
     if not loader_kwargs.get("num_workers"):
         loader_kwargs.pop("persistent_workers", None)
-    train_loader = get_method(cfg.dataloader._target_)(
-        splits["train"], batch_sampler=batch_sampler, collate_fn=collate,
-        # Its own generator: creating an iterator draws a worker seed, which must not move the global
-        # RNG that dropout uses (a resumed run creates its iterator at another point than the original).
-        generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
     vkwargs = {k: v for k, v in OmegaConf.to_container(cfg.validation_dataloader).items()
                if k not in ("_target_", "collate_fn", "group_by_length")}
     if not vkwargs.get("num_workers"):
         vkwargs.pop("persistent_workers", None)
-    vcollate = instantiate(cfg.validation_dataloader.collate_fn)(pad_token_id=tokenizer.pad_token_id)
+    for kw in (loader_kwargs, vkwargs):
+        if kw.get("pin_memory") is None:
+            kw["pin_memory"] = device.type == "cuda"
+    train_loader = get_method(cfg.dataloader._target_)(
+        # Plain Python rows: indexing an Arrow-backed dataset row by row costs more than the GPU step.
+        splits["train"].to_list(), batch_sampler=batch_sampler, collate_fn=collate,
+        # Its own generator: creating an iterator draws a worker seed, which must not move the global
+        # RNG that dropout uses (a resumed run creates its iterator at another point than the original).
+        generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
+    vcollate = instantiate(cfg.validation_dataloader.collate_fn)(pad_token_id=tokenizer.pad_token_id,
+                                                                 pad_to_multiple_of=bucket)
     val_loaders = {
         name: get_method(cfg.validation_dataloader._target_)(
-            splits[name], batch_size=cfg.step_scheduler.local_batch_size,
+            splits[name].to_list(), batch_size=cfg.step_scheduler.local_batch_size,
             sampler=data_lib.ShardSampler(len(splits[name]), dist_info.rank, dist_info.world_size),
             collate_fn=vcollate, **vkwargs)
         for name in cfg.dataset.validation_splits}
@@ -252,10 +294,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
         steps_per_epoch=plan["steps_per_epoch"], total_steps=plan["total_steps"],
         num_epochs=cfg.step_scheduler.num_epochs, log_every_steps=cfg.step_scheduler.log_every_steps,
         val_every_steps=cfg.step_scheduler.val_every_steps, ckpt_every_steps=cfg.step_scheduler.ckpt_every_steps,
-        max_grad_norm=cfg.step_scheduler.max_grad_norm, autocast_dtype=autocast_dtype(cfg.precision, device),
+        max_grad_norm=cfg.step_scheduler.max_grad_norm, autocast_dtype=amp_dtype,
         best_metric=best_metric, checkpointer=checkpointer,
-        loggers=build_loggers(cfg.logger, run_dir=run_dir, is_writer=dist_info.is_writer,
-                              run_config=OmegaConf.to_container(cfg, resolve=True)))
+        loggers=build_loggers(cfg, run_dir=run_dir, is_writer=dist_info.is_writer))
     if checkpointer is not None:
         resume(trainer, checkpointer, cfg.checkpoint.restore_from, run_dir)
     return trainer

@@ -112,6 +112,7 @@ class Checkpointer:
         torch.save({"scheduler": trainer.scheduler.state_dict(), "dataloader": trainer.train_loader.state_dict(),
                     "rng": rng_state()}, tmp / f"rank_{self.dist.rank:05d}.pt")
         state = full_state_dict(trainer.model)
+        trainer_state = trainer.state_dict()  # on every rank: it all-reduces the train-loss window
         if self.dist.is_writer:
             config = getattr(trainer.model, "config", None)
             if self.lora is not None:
@@ -121,7 +122,7 @@ class Checkpointer:
             if self.save_consolidated and config is not None:
                 save_hf_dir(tmp / "model", state, config, self.tokenizer)
             (tmp / "trainer_state.json").write_text(json.dumps(
-                {**trainer.state_dict(), "fingerprint": self.fingerprint, "world_size": self.dist.world_size},
+                {**trainer_state, "fingerprint": self.fingerprint, "world_size": self.dist.world_size},
                 indent=2))
         barrier(self.dist)  # every rank's files are in tmp before it is renamed
         if self.dist.is_writer:

@@ -115,7 +115,8 @@ class DataloaderConfig:
     _target_: str = "torchdata.stateful_dataloader.StatefulDataLoader"
     collate_fn: Any = field(default_factory=lambda: {"_target_": "seqcls.data.PadCollator", "_partial_": True})
     num_workers: int = 0
-    pin_memory: bool = False
+    pin_memory: Optional[bool] = None
+    """null: pinned host memory when training on CUDA (asynchronous copies to the GPU)."""
     persistent_workers: bool = False
     group_by_length: bool = True
     """Training batches hold examples of similar length (less padding); validation ignores it."""
@@ -231,6 +232,45 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggerConfig:
+    backend: str = "none"
+    """Where metrics rows go besides metrics.jsonl and TensorBoard (which every run writes):
+    none, wandb or mlflow. The package is needed only when chosen."""
+    project: Optional[str] = None
+    """W&B project or MLflow experiment name; null: the tool's default."""
+    entity: Optional[str] = None
+    """W&B team or user; null: your default entity."""
+    tracking_uri: Optional[str] = None
+    """MLflow tracking server or folder; null: MLFLOW_TRACKING_URI, else ./mlruns."""
+    run_name: Optional[str] = None
+    """The run's name in the tracker; null: the run dir's name."""
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("none", "wandb", "mlflow"),
+               f"logger.backend must be none, wandb or mlflow, got {self.backend!r}")
+
+
+@dataclass
+class CompileConfig:
+    """The fast path on GPU: torch.compile over the model with CUDA graphs, fed a few static
+    sequence lengths (batches padded up to a multiple of length_bucket)."""
+    enabled: Optional[bool] = None
+    """null: on for CUDA, off on CPU (compilation there costs more than it saves on short runs)."""
+    mode: str = "reduce-overhead"
+    """torch.compile mode; reduce-overhead captures CUDA graphs (training steps are launch-bound)."""
+    length_bucket: int = 32
+    """Pad each batch to a multiple of this when compiled: few shapes, few graphs."""
+    bf16_frozen_weights: bool = True
+    """Under LoRA on CUDA with bf16, keep the frozen base weights in bf16 (half the memory traffic)."""
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+               f"compile.mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, "
+               f"got {self.mode!r}")
+        _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -243,6 +283,9 @@ class TrainConfig:
     dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
     validation_dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
     dist_env: DistEnvConfig = field(default_factory=DistEnvConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    # A default rather than MISSING: config.yaml of runs from before the group still loads (seqcls.runs).
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 42
     """One seed for data order, initialisation and dropout."""
     run_dir: Optional[str] = None

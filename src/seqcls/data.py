@@ -267,10 +267,9 @@ class PadCollator:
         batch: dict[str, torch.Tensor] = {}
         for key, pad in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
             if key in examples[0]:
-                t = torch.full((len(examples), length), pad, dtype=torch.long)
-                for i, e in enumerate(examples):
-                    t[i, : len(e[key])] = torch.tensor(e[key], dtype=torch.long)
-                batch[key] = t
+                # One tensor from padded lists: far fewer small allocations than filling row by row.
+                batch[key] = torch.tensor([e[key] + [pad] * (length - len(e[key])) for e in examples],
+                                          dtype=torch.long)
         if "labels" in examples[0]:
             batch["labels"] = torch.tensor([e["labels"] for e in examples])
         return batch

