@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqcls import data as data_lib
 from seqcls.checkpoint import Checkpointer, read_pointer
 from seqcls.config import ConfigError
-from seqcls.distributed import DistInfo, broadcast_object, init_distributed
+from seqcls.distributed import DistInfo, broadcast_object, init_distributed, shutdown_distributed
 from seqcls.loggers import build_loggers
 from seqcls.metrics import main_metric
 from seqcls.models import load_tokenizer
@@ -165,6 +165,9 @@ def compile_model(model: torch.nn.Module, *, mode: str, sharded: bool) -> torch.
     Under FSDP2 each transformer block is compiled on its own, between the all-gathers FSDP's hooks
     issue; CUDA graphs are left out there (collectives inside a graph need more care than this).
     """
+    # One graph per (length bucket, train/eval) and, under FSDP2, all blocks share one code object:
+    # the default limit of 8 compiled variants would send the rest back to eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if sharded:
         from seqcls.distributed import find_transformer_blocks
         for block in find_transformer_blocks(model):
@@ -199,6 +202,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     # single-GPU run takes the same code path as a multi-GPU one.
     dist_info = init_distributed(backend=cfg.dist_env.backend, timeout_minutes=cfg.dist_env.timeout_minutes,
                                  device=device, single_process_group=cfg.distributed.strategy == "fsdp2")
+    try:
+        return _assemble(cfg, run_dir, device, dist_info)
+    except BaseException:
+        shutdown_distributed(dist_info)  # a failed build leaves no process group behind
+        raise
+
+
+def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: DistInfo) -> Trainer:
     # Hydra's time-stamped output dir can differ between ranks started a second apart: rank 0's wins.
     run_dir = Path(broadcast_object(str(run_dir), dist_info))
     if cfg.distributed.strategy == "none" and dist_info.world_size > 1:
