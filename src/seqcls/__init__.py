@@ -6,8 +6,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from seqcls.config import register_configs
-from seqcls.distributed import launcher_rank
-from seqcls.models import package_dir
+from seqcls.env import launcher_rank, package_dir
 
 __version__ = "0.1.0"
 

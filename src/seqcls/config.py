@@ -14,9 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-class ConfigError(ValueError):
-    """A mistake in the user's config; the message names the field and the fix."""
+from seqcls.errors import ConfigError  # noqa: F401  (re-exported: seqcls.config.ConfigError)
 
 
 def _check(cond: bool, msg: str) -> None:

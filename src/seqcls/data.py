@@ -17,11 +17,7 @@ import datasets
 import torch
 from torch.utils.data import Sampler
 
-from seqcls.config import ConfigError
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message names the file or row and the fix."""
+from seqcls.errors import ConfigError, DataError
 
 
 # GLUE's own TSV layout → the column names of the hub's nyu-mll/glue.

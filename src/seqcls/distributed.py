@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from seqcls.env import launcher_env, launcher_rank  # noqa: F401  (re-exported)
 from torch import nn
 
 log = logging.getLogger("seqcls")
@@ -35,18 +37,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1 or (dist.is_available() and dist.is_initialized())
-
-
-def launcher_env() -> dict[str, int] | None:
-    """RANK/WORLD_SIZE/LOCAL_RANK from torchrun, or from Slurm when a job has several tasks."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
-                "local_rank": int(env.get("LOCAL_RANK", 0))}
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
-                "local_rank": int(env.get("SLURM_LOCALID", 0))}
-    return None
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -75,12 +65,6 @@ def set_rendezvous_env() -> None:
         env.setdefault("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
-
-
-def launcher_rank() -> int:
-    """This process's rank as the launcher set it (0 without one): who writes, before any group exists."""
-    env = launcher_env()
-    return env["rank"] if env else 0
 
 
 def init_distributed(*, backend: str = "auto", timeout_minutes: int = 10, device: torch.device,

@@ -10,18 +10,11 @@ from typing import Any, Optional
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
-from seqcls.config import ConfigError
+from seqcls.env import package_dir  # noqa: F401  (re-exported)
+from seqcls.errors import ConfigError
 
 OFFLINE_HINT = ("offline, use a local directory (model.pretrained_model_name_or_path=DIR) "
                 "or model=minilm_l6, whose weights install with the package")
-
-
-def package_dir(package: str, subdir: str = "") -> str:
-    """Folder inside an installed Python package (OmegaConf resolver ``seqcls.package_dir``)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"package {package!r} is not installed; pip install {package.replace('_', '-')}")
-    return str(Path(list(spec.submodule_search_locations)[0]) / subdir)
 
 
 def _label_kwargs(num_labels: int, labels: Optional[list[str]]) -> dict[str, Any]:

@@ -16,11 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import seqcls  # noqa: F401  (registers the schema and resolvers)
-from seqcls.config import ConfigError
-from seqcls.data import DataError
-from seqcls.distributed import launcher_rank, shutdown_distributed
-from seqcls.loggers import plot_curves
-from seqcls.trainer import NonFiniteLossError, StopSignal
+from seqcls.env import launcher_rank
+from seqcls.errors import ConfigError, DataError, NonFiniteLossError
 
 log = logging.getLogger("seqcls")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -44,11 +41,19 @@ def setup_logging(is_writer: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not is_writer:  # the same Python warnings would print once per rank; rank 0 shows them
         warnings.simplefilter("ignore")
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; our log says what loaded
+    # torchdata calls a deprecated torch API on every loader; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=".set_vital. is deprecated")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one run from a composed config; returns results.json's content."""
+    # Heavy imports (torch, transformers, datasets) only when there is a run: `--cfg job` stays fast.
     from seqcls.build import build_trainer
+    from seqcls.distributed import shutdown_distributed
+    from seqcls.loggers import plot_curves
+    from seqcls.trainer import StopSignal
 
     OmegaConf.to_object(cfg)  # runs the schema checks (__post_init__) on the composed values
     run_dir = resolve_run_dir(cfg)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from seqcls.distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum
+from seqcls.errors import NonFiniteLossError
 from seqcls.metrics import compute_metrics
 
 log = logging.getLogger("seqcls")
@@ -39,10 +40,6 @@ def warmup_decay_lambda(total_steps: int, *, decay: str = "linear", warmup_ratio
         return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
     return factor
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; re-run to resume
