@@ -159,7 +159,8 @@ class Trainer:
         so the gradient is that of the mean loss over the global batch.
         Returns (summed loss of this rank's examples, grad norm) as device tensors: no host sync.
         """
-        self.model.train()
+        if not self.model.training:  # Module.train() walks every submodule: only when it changes
+            self.model.train()
         denom = self.local_batch_size * self.grad_accum_steps
         loss_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
