@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -114,6 +115,7 @@ def in_sweep() -> bool:
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Returns the best validation value of the main metric: what a --multirun sweeper optimises."""
+    _HeldStderr.release()  # the config composed: from here on stderr is the run's
     try:
         results = run(cfg)
     except Exception as e:
@@ -130,5 +132,69 @@ def main(cfg: DictConfig) -> float | None:
     return float(best) if best is not None else None
 
 
+class _HeldStderr:
+    """While Hydra composes the config, stderr is held back; if composition fails (unknown key or
+    option, wrong type), Hydra's several-line report is cut to two lines: the problem and the fix."""
+
+    active: "_HeldStderr | None" = None
+
+    def __init__(self):
+        self.buffer, self.real = io.StringIO(), sys.stderr
+
+    @classmethod
+    def release(cls) -> None:
+        held = cls.active
+        if held is not None and sys.stderr is held.buffer:
+            sys.stderr = held.real
+            held.real.write(held.buffer.getvalue())
+        cls.active = None
+
+
+_NOISE = ("full_key:", "reference_type", "object_type", "Config search path", "provider=",
+          "Set the environment variable HYDRA_FULL_ERROR", "To append to your config")
+
+
+def condense_hydra_error(text: str) -> str:
+    """Hydra's composition error as two lines: what is wrong, and what is valid or where to look."""
+    problem, options, in_options = [], [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith(_NOISE):
+            in_options = False
+            continue
+        if stripped.startswith("Available options in"):
+            in_options = True
+            continue
+        if in_options and line[:1] in ("\t", " "):
+            options.append(stripped)
+            continue
+        in_options = False
+        problem.append(stripped.rstrip("."))
+    fix = (f"valid options: {', '.join(options)}" if options else
+           "fix the override; `python -m seqcls.train --cfg job` prints every key with its value")
+    return f"error: {'; '.join(problem)}\n{fix}\n"
+
+
+def cli() -> None:
+    """`python -m seqcls.train`: Hydra's entry point with short composition errors."""
+    passthrough = ("-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info", "-sc", "--shell-completion")
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or any(a.split("=")[0] in passthrough for a in sys.argv[1:]):
+        main()
+        return
+    held = _HeldStderr.active = _HeldStderr()
+    sys.stderr = held.buffer
+    try:
+        main()
+    except SystemExit as e:
+        if _HeldStderr.active is held and e.code not in (0, None):  # failed before the run started
+            sys.stderr = held.real
+            _HeldStderr.active = None
+            held.real.write(condense_hydra_error(held.buffer.getvalue()))
+            raise SystemExit(2) from None
+        raise
+    finally:
+        _HeldStderr.release()
+
+
 if __name__ == "__main__":
-    main()
+    cli()
