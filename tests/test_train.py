@@ -79,3 +79,25 @@ def test_non_divisible_batch_sizes_are_refused(tmp_path, synthetic_dir):
                                                                              "step_scheduler.local_batch_size=8"])
     with pytest.raises(ConfigError, match="not divisible"):
         build_trainer(cfg, tmp_path / "r")
+
+
+def test_bf16_frozen_lora_base_keeps_norms_fp32_and_saves_the_merged_update_in_fp32(tmp_path, synthetic_dir):
+    """With bf16 autocast, frozen Linear weights are stored in bf16 for training; the saved model is
+    fp32 and holds the whole LoRA update (a bf16 merge would round most of it away)."""
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+        "precision=bf16", "peft=lora", "peft.target_modules=[*.query,*.value]", "step_scheduler.max_steps=3",
+        "optimizer.lr=1e-2"])
+    trainer = build_trainer(cfg, run_dir)
+    params = dict(trainer.model.named_parameters())
+    query = "bert.encoder.layer.0.attention.self.query"
+    assert params[f"{query}.weight"].dtype == torch.bfloat16
+    assert params["bert.embeddings.word_embeddings.weight"].dtype == torch.float32
+    assert params["bert.embeddings.LayerNorm.weight"].dtype == torch.float32
+    trainer.fit()
+    saved = load_file(run_dir / "checkpoints" / "step_00000003" / "model" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    m = trainer.model.get_submodule(query)
+    delta = m.scale * (m.lora_B.weight.float() @ m.lora_A.weight.float())
+    assert delta.abs().max() > 0
+    torch.testing.assert_close(saved[f"{query}.weight"] - m.weight.float(), delta, atol=1e-6, rtol=1e-4)

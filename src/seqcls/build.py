@@ -153,6 +153,17 @@ def build_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
     return model
 
 
+def loader_kwargs_of(lcfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """The data-loader block as StatefulDataLoader keyword arguments (pinned memory on CUDA unless set)."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(lcfg).items()
+              if k not in ("_target_", "collate_fn", "group_by_length")}
+    if not kwargs.get("num_workers"):
+        kwargs.pop("persistent_workers", None)
+    if kwargs.get("pin_memory") is None:
+        kwargs["pin_memory"] = device.type == "cuda"
+    return kwargs
+
+
 def use_compile(cfg: DictConfig, device: torch.device) -> bool:
     if cfg.compile.enabled is None:
         return device.type == "cuda"
@@ -236,10 +247,12 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     compiled = use_compile(cfg, device)
     if cfg.peft.enabled and cfg.compile.bf16_frozen_weights and amp_dtype == torch.bfloat16 \
             and cfg.distributed.strategy == "none":
-        # Autocast runs the matmuls in bf16 anyway: frozen fp32 copies only cost memory and bandwidth.
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+        # Autocast runs the Linear matmuls in bf16 anyway: frozen fp32 copies of their weights only cost
+        # memory and bandwidth. Embeddings and LayerNorms, which autocast keeps in fp32, stay fp32.
+        from seqcls.lora import LoRALinear
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, LoRALinear)) and not module.weight.requires_grad:
+                module.weight.data = module.weight.data.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_kwargs = {}
     if cfg.optimizer._target_ in ("torch.optim.AdamW", "torch.optim.Adam") and device.type == "cuda" \
@@ -258,17 +271,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         [len(x) for x in splits["train"]["input_ids"]], local_batch_size=cfg.step_scheduler.local_batch_size,
         grad_accum_steps=plan["grad_accum_steps"], rank=dist_info.rank, world_size=dist_info.world_size,
         seed=cfg.seed, group_by_length=cfg.dataloader.group_by_length)
-    loader_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.dataloader).items()
-                     if k not in ("_target_", "collate_fn", "group_by_length")}
-    if not loader_kwargs.get("num_workers"):
-        loader_kwargs.pop("persistent_workers", None)
-    vkwargs = {k: v for k, v in OmegaConf.to_container(cfg.validation_dataloader).items()
-               if k not in ("_target_", "collate_fn", "group_by_length")}
-    if not vkwargs.get("num_workers"):
-        vkwargs.pop("persistent_workers", None)
-    for kw in (loader_kwargs, vkwargs):
-        if kw.get("pin_memory") is None:
-            kw["pin_memory"] = device.type == "cuda"
+    loader_kwargs, vkwargs = (loader_kwargs_of(c, device) for c in (cfg.dataloader, cfg.validation_dataloader))
     train_loader = get_method(cfg.dataloader._target_)(
         # Plain Python rows: indexing an Arrow-backed dataset row by row costs more than the GPU step.
         splits["train"].to_list(), batch_sampler=batch_sampler, collate_fn=collate,

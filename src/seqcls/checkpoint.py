@@ -111,7 +111,9 @@ class Checkpointer:
                  checkpoint_id=str(tmp / "state"))
         torch.save({"scheduler": trainer.scheduler.state_dict(), "dataloader": trainer.train_loader.state_dict(),
                     "rng": rng_state()}, tmp / f"rank_{self.dist.rank:05d}.pt")
-        state = full_state_dict(trainer.model)
+        # fp32 for the saved model: frozen weights kept in bf16 for training (compile.bf16_frozen_weights)
+        # would otherwise round away the small LoRA update when it is merged into them.
+        state = {k: v.float() if v.is_floating_point() else v for k, v in full_state_dict(trainer.model).items()}
         trainer_state = trainer.state_dict()  # on every rank: it all-reduces the train-loss window
         if self.dist.is_writer:
             config = getattr(trainer.model, "config", None)
