@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ROBERTA_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                      max_position_embeddings=514)
-PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
+PEAK_FLOPS = {"cuda": 989e12}  # H100 / H200 SXM dense bf16
 
 
 def default_paths(args):
@@ -62,6 +62,8 @@ def run_seqcls(args, out: Path) -> dict:
     import seqcls  # noqa: F401
     from seqcls.build import build_trainer
     from seqcls.train import CONF_DIR
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     data, tok = default_paths(args)
     ov = [f"dataset.data_dir={data}", f"model.tokenizer_name_or_path={tok}",
           f"step_scheduler.global_batch_size={args.batch}", f"step_scheduler.local_batch_size={args.batch}",
@@ -79,6 +81,9 @@ def run_seqcls(args, out: Path) -> dict:
             ov += ["peft.dropout=0.0"]
     if args.impl == "seqcls_eager":
         ov += ["compile.enabled=false"]
+    if args.impl == "seqcls_ro":  # torch.compile's own CUDA graphs per compiled graph, no step graphs
+        ov += ["compile.mode=reduce-overhead", "compile.cuda_graphs=none"]
+    ov += list(args.seqcls_override)
     if args.impl == "seqcls_nogroup":
         ov += ["compile.enabled=false", "dataloader.group_by_length=false"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -96,7 +101,8 @@ def run_seqcls(args, out: Path) -> dict:
     timed = [r for r in rows if r["step"] > args.warmup]
     model = trainer.model
     cfgm = model.config
-    return {"samples_per_s": statistics.mean(r["samples_per_s"] for r in timed),
+    seconds = sum(args.log_every * args.batch / r["samples_per_s"] for r in timed)
+    return {"samples_per_s": len(timed) * args.log_every * args.batch / seconds,
             "losses": [r["loss"] for r in rows],
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
             "n_params": sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n),
@@ -185,7 +191,7 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--model", default="roberta_large", choices=["roberta_large", "minilm"])
     ap.add_argument("--peft", default="lora,none", help="comma list of lora, none")
-    ap.add_argument("--impl", default="seqcls,seqcls_eager,hf", help="comma list of seqcls, seqcls_eager, seqcls_nogroup, hf")
+    ap.add_argument("--impl", default="seqcls,seqcls_eager,hf", help="comma list of seqcls, seqcls_eager, seqcls_ro, seqcls_nogroup, hf")
     ap.add_argument("--batch", default="32", help="comma list of batch sizes")
     ap.add_argument("--steps", type=int, default=60, help="timed steps")
     ap.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, CUDA graphs)")
@@ -200,6 +206,9 @@ def main():
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--no-dropout", action="store_true", help="dropout 0 (for comparing loss curves exactly)")
     ap.add_argument("--profile-dir", default=None, help="seqcls workers write torch.profiler tables here")
+    ap.add_argument("--seqcls-override", action="append", default=[],
+                    help="extra Hydra override for the seqcls runs (repeatable), e.g. compile.length_bucket=8")
+    ap.add_argument("--log-dir", default=None, help="write each worker's output here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -225,6 +234,9 @@ def main():
                 cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", f"{impl}:{peft}:{batch}"]
                 t0 = time.time()
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                if args.log_dir:
+                    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+                    Path(args.log_dir, f"{impl}_{peft}_b{batch}.log").write_text(proc.stdout + proc.stderr)
                 line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
                 if line is None:
                     print(f"{impl} {peft} b{batch} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", file=sys.stderr)

@@ -27,6 +27,16 @@ TINY = ["model=tiny_bert", "peft=none", "+model.config_overrides.hidden_dropout_
         "+model.config_overrides.attention_probs_dropout_prob=0.0"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are deselected, not skipped, on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    gpu = [i for i in items if i.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [i for i in items if not i.get_closest_marker("gpu")]
+
+
 def compose_cfg(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=overrides)

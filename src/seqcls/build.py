@@ -170,7 +170,22 @@ def use_compile(cfg: DictConfig, device: torch.device) -> bool:
     return bool(cfg.compile.enabled)
 
 
-def compile_model(model: torch.nn.Module, *, mode: str, sharded: bool) -> torch.nn.Module:
+def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo) -> bool:
+    """compile.cuda_graphs=step applies to one CUDA process training with AdamW or Adam."""
+    if cfg.compile.cuda_graphs != "step" or device.type != "cuda":
+        return False
+    why = None
+    if cfg.distributed.strategy != "none" or dist_info.world_size > 1:
+        why = "FSDP2 and several processes run their collectives outside graphs"
+    elif cfg.optimizer._target_ not in ("torch.optim.AdamW", "torch.optim.Adam"):
+        why = f"{cfg.optimizer._target_} has no capturable fused update"
+    if why:
+        log.info("compile.cuda_graphs=step left out: %s", why)
+        return False
+    return True
+
+
+def compile_model(model: torch.nn.Module, *, mode: str, sharded: bool, dynamic: Optional[bool] = False) -> torch.nn.Module:
     """Compile in place (nn.Module.compile): parameters, state-dict keys and .config stay as they are.
 
     Under FSDP2 each transformer block is compiled on its own, between the all-gathers FSDP's hooks
@@ -182,9 +197,9 @@ def compile_model(model: torch.nn.Module, *, mode: str, sharded: bool) -> torch.
     if sharded:
         from seqcls.distributed import find_transformer_blocks
         for block in find_transformer_blocks(model):
-            block.compile(mode="max-autotune-no-cudagraphs" if "autotune" in mode else "default", dynamic=False)
+            block.compile(mode="max-autotune-no-cudagraphs" if "autotune" in mode else "default", dynamic=dynamic)
     else:
-        model.compile(mode=mode, dynamic=False)
+        model.compile(mode=mode, dynamic=dynamic)
     return model
 
 
@@ -255,12 +270,16 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
                 module.weight.data = module.weight.data.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_kwargs = {}
-    if cfg.optimizer._target_ in ("torch.optim.AdamW", "torch.optim.Adam") and device.type == "cuda" \
-            and cfg.distributed.strategy == "none":
+    adam = cfg.optimizer._target_ in ("torch.optim.AdamW", "torch.optim.Adam")
+    if adam and device.type == "cuda" and cfg.distributed.strategy == "none":
         opt_kwargs["fused"] = True  # one kernel for the whole update instead of a few per tensor
+    graphs = compiled and use_step_graphs(cfg, device, dist_info)
+    if graphs:  # the update inside a CUDA graph: step counts and the learning rate live on the device
+        opt_kwargs.update(capturable=True, lr=torch.tensor(float(cfg.optimizer.lr), device=device))
     optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)
     if compiled:
-        model = compile_model(model, mode=cfg.compile.mode, sharded=cfg.distributed.strategy == "fsdp2")
+        model = compile_model(model, mode=cfg.compile.mode, sharded=cfg.distributed.strategy == "fsdp2",
+                              dynamic=cfg.compile.dynamic)
     lr_lambda = instantiate(cfg.lr_scheduler)(plan["total_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
@@ -309,7 +328,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         num_epochs=cfg.step_scheduler.num_epochs, log_every_steps=cfg.step_scheduler.log_every_steps,
         val_every_steps=cfg.step_scheduler.val_every_steps, ckpt_every_steps=cfg.step_scheduler.ckpt_every_steps,
         max_grad_norm=cfg.step_scheduler.max_grad_norm, autocast_dtype=amp_dtype,
-        best_metric=best_metric, checkpointer=checkpointer,
+        best_metric=best_metric, checkpointer=checkpointer, cuda_graphs=graphs,
         loggers=build_loggers(cfg, run_dir=run_dir, is_writer=dist_info.is_writer))
     if checkpointer is not None:
         resume(trainer, checkpointer, cfg.checkpoint.restore_from, run_dir)

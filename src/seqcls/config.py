@@ -250,13 +250,20 @@ class LoggerConfig:
 
 @dataclass
 class CompileConfig:
-    """The fast path on GPU: torch.compile over the model with CUDA graphs, fed a few static
-    sequence lengths (batches padded up to a multiple of length_bucket)."""
+    """The fast path on GPU: torch.compile over the model, the whole training step replayed as CUDA
+    graphs, fed a few static sequence lengths (batches padded up to a multiple of length_bucket)."""
     enabled: Optional[bool] = None
     """null: on for CUDA, off on CPU (compilation there costs more than it saves on short runs)."""
-    mode: str = "reduce-overhead"
-    """torch.compile mode; reduce-overhead captures CUDA graphs (training steps are launch-bound)."""
-    length_bucket: int = 32
+    mode: str = "default"
+    """torch.compile mode for the model. reduce-overhead and max-autotune capture CUDA graphs of their
+    own: use them with cuda_graphs=none."""
+    cuda_graphs: str = "step"
+    """step: forward, backward, clipping and the optimizer update run as replayed CUDA graphs, one per
+    batch shape (CUDA, one process, AdamW/Adam; elsewhere the step runs as it is). none: no graphs."""
+    dynamic: Optional[bool] = False
+    """false: one compiled graph per batch shape (the fastest kernels); null: torch.compile makes the
+    changing length symbolic after the second shape (fewer compilations, one graph per shape still)."""
+    length_bucket: int = 16
     """Pad each batch to a multiple of this when compiled: few shapes, few graphs."""
     bf16_frozen_weights: bool = True
     """Under LoRA on CUDA with bf16, keep the frozen base weights in bf16 (half the memory traffic)."""
@@ -265,6 +272,10 @@ class CompileConfig:
         _check(self.mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                f"compile.mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, "
                f"got {self.mode!r}")
+        _check(self.cuda_graphs in ("step", "none"), f"compile.cuda_graphs must be step or none, got {self.cuda_graphs!r}")
+        _check(not (self.cuda_graphs == "step" and self.mode in ("reduce-overhead", "max-autotune")),
+               f"compile.mode={self.mode} captures CUDA graphs of its own, which cannot sit inside the step's "
+               f"graphs; add compile.cuda_graphs=none, or use mode default or max-autotune-no-cudagraphs")
         _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")
 
 

@@ -101,7 +101,7 @@ class Trainer:
                  grad_accum_steps: int, local_batch_size: int, steps_per_epoch: int, total_steps: int,
                  num_epochs: int, log_every_steps: int, val_every_steps: Optional[int],
                  ckpt_every_steps: Optional[int], max_grad_norm: Optional[float], autocast_dtype: Optional[torch.dtype],
-                 best_metric: str, checkpointer=None, loggers: Sequence[Any] = ()):
+                 best_metric: str, checkpointer=None, loggers: Sequence[Any] = (), cuda_graphs: bool = False):
         self.model, self.train_loader, self.val_loaders = model, train_loader, val_loaders
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.dist = device, dist_info
@@ -122,6 +122,12 @@ class Trainer:
         self.window_examples = 0
         self.stop_requested = False
         self.stop_signal = None  # set by the caller: an object whose .requested turns True on SIGTERM/SIGUSR2
+        self.step_graphs = None
+        if cuda_graphs:  # the whole step as replayed CUDA graphs (seqcls.step_graph), built at the first step
+            from seqcls.step_graph import StepGraphs
+            self.step_graphs = StepGraphs(optimizer, forward_loss=self._forward_loss,
+                                          denom=local_batch_size * grad_accum_steps,
+                                          max_grad_norm=max_grad_norm, device=device)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -151,6 +157,13 @@ class Trainer:
             return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
         return F.cross_entropy(logits.float(), labels, reduction="sum")
 
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed loss of a micro-batch already on the device (labels included)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with self._autocast():
+            logits = self.model(**inputs).logits
+        return self._loss_sum(logits, batch["labels"])
+
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over ``grad_accum_steps`` micro-batches.
 
@@ -161,17 +174,17 @@ class Trainer:
         """
         if not self.model.training:  # Module.train() walks every submodule: only when it changes
             self.model.train()
+        if self.step_graphs is not None:
+            loss_total, grad_norm = self.step_graphs.step(micro_batches)
+            self.scheduler.step()
+            return loss_total, grad_norm
         denom = self.local_batch_size * self.grad_accum_steps
         loss_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            batch = self._to_device(batch)
-            labels = batch.pop("labels")
             sync = i == len(micro_batches) - 1
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch
                 self.model.set_requires_gradient_sync(sync)
-            with self._autocast():
-                logits = self.model(**batch).logits
-            loss_sum = self._loss_sum(logits, labels)
+            loss_sum = self._forward_loss(self._to_device(batch))
             (loss_sum / denom).backward()
             loss_total += loss_sum.detach()
         if self.max_grad_norm is not None:
@@ -271,7 +284,7 @@ class Trainer:
                     loss = float(all_reduce_sum(self.window_loss, self.dist)) / max(1, self.window_examples)
                     elapsed = time.time() - window_start
                     row = {"step": self.step, "epoch": self.epoch, "split": "train", "loss": loss,
-                           "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                           "lr": float(self.scheduler.get_last_lr()[0]), "grad_norm": float(grad_norm),
                            "samples_per_s": self.window_examples / max(elapsed, 1e-9)}
                     self.metrics_log.write(row)
                     bar.set_postfix(loss=f"{loss:.4f}")

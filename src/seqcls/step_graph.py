@@ -1,0 +1,143 @@
+"""The training step as replayed CUDA graphs: one graph per micro-batch shape for forward + backward,
+and one for gradient clipping, the optimizer update and zeroing the gradients.
+
+A training step of a 24-layer encoder launches a few thousand kernels; launched one by one from
+Python they cost more host time than the GPU needs to run them. A replay launches a whole graph with
+one call, so the step costs the GPU's time. Unlike torch.compile's per-graph CUDA graphs
+(mode="reduce-overhead"), nothing is checked or copied per step beside the batch itself.
+
+What capture needs, and how it is met:
+- Fixed addresses: each shape has static input buffers that the batch is copied into; the gradients
+  are allocated once and accumulated into in place (never set to None); the update graph zeroes them.
+- The optimizer runs on the device: fused AdamW/Adam with ``capturable=True`` and the learning rate as
+  a device tensor, which the LR scheduler fills in place (build.py sets this up).
+- Warm-up before capture (compilation, lazy kernel loading, optimizer state) must not change
+  training: the update is warmed up at learning rate 0 on zero gradients and the optimizer state is
+  put back; forward/backward warm-ups run on zero gradients (or saved and restored ones), and the RNG
+  state is forked around warm-up and capture, so a replay draws the same dropout masks whenever the
+  graph was captured (a resumed run captures at other steps than the original).
+- Graphs of all shapes share one memory pool: their activations are never alive at the same time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger("seqcls")
+
+
+def shape_key(batch: dict[str, torch.Tensor]) -> tuple:
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
+
+
+class StepGraphs:
+    """Drop-in for the eager step: ``step(micro_batches)`` returns (summed loss, grad norm) as device tensors."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, forward_loss: Callable[[dict], torch.Tensor],
+                 denom: int, max_grad_norm: Optional[float], device: torch.device, warmup_iters: int = 2):
+        self.optimizer, self.forward_loss = optimizer, forward_loss
+        self.denom, self.max_grad_norm, self.device = denom, max_grad_norm, device
+        self.warmup_iters = warmup_iters
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.grads: list[torch.Tensor] = []
+        self.micro: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.update: Optional[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = None
+        self.pool = None
+        self.grads_zero = True  # no micro-batch accumulated since the last update
+
+    # ------------------------------------------------------------------ the step
+    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.update is None:
+            self._setup()
+        loss_total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            entry = self.micro.get(shape_key(batch))
+            if entry is None:
+                entry = self._capture_micro(batch)
+            graph, static, loss = entry
+            for k, v in batch.items():
+                static[k].copy_(v, non_blocking=True)
+            graph.replay()
+            self.grads_zero = False
+            loss_total += loss
+        graph, norm = self.update
+        graph.replay()
+        self.grads_zero = True
+        return loss_total, norm.clone()
+
+    # ------------------------------------------------------------------ capture
+    def _setup(self) -> None:
+        """Persistent gradients, device learning rates, and the update graph (captured first, while the
+        gradients are still zero)."""
+        for group in self.optimizer.param_groups:
+            # A checkpoint load may hand back a float or a CPU tensor: the graph reads this device tensor.
+            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(self.device).reshape(())
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params]
+        self.pool = torch.cuda.graph_pool_handle()
+
+        saved_lr = [g["lr"].clone() for g in self.optimizer.param_groups]
+        saved_state = {p: {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
+                       for p in self.params if p in self.optimizer.state}
+        with torch.random.fork_rng(devices=[self.device]):
+            for g in self.optimizer.param_groups:
+                g["lr"].zero_()  # lr 0 on zero gradients: the parameters do not move
+            self._warm_up(self._update_body)
+            for g, lr in zip(self.optimizer.param_groups, saved_lr):
+                g["lr"].copy_(lr)
+            for p in self.params:  # fresh state was zero (step, moments); loaded state goes back as it was
+                for k, v in self.optimizer.state[p].items():
+                    if torch.is_tensor(v):
+                        v.copy_(saved_state[p][k]) if p in saved_state else v.zero_()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                norm = self._update_body()
+        self.update = (graph, norm)
+
+    def _update_body(self) -> torch.Tensor:
+        if self.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+        else:
+            norm = torch.zeros((), device=self.device)
+        self.optimizer.step()
+        torch._foreach_zero_(self.grads)
+        return norm
+
+    def _micro_body(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self.forward_loss(static)
+        (loss / self.denom).backward()
+        return loss.detach()
+
+    def _capture_micro(self, batch: dict[str, torch.Tensor]):
+        static = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in batch.items()}
+        for k, v in batch.items():
+            static[k].copy_(v)
+        # Warm-up accumulates into the real gradients: zero them after, or put back a partial accumulation.
+        kept = None if self.grads_zero else [g.clone() for g in self.grads]
+        with torch.random.fork_rng(devices=[self.device]):
+            self._warm_up(lambda: self._micro_body(static))
+            if kept is None:
+                torch._foreach_zero_(self.grads)
+            else:
+                torch._foreach_copy_(self.grads, kept)
+                del kept
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                loss = self._micro_body(static)
+        self.micro[shape_key(batch)] = (graph, static, loss)
+        log.info("captured the training step for batch shape %s (%d shapes so far)",
+                 "x".join(map(str, batch["input_ids"].shape)), len(self.micro))
+        return graph, static, loss
+
+    def _warm_up(self, fn: Callable[[], object]) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup_iters):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)

@@ -1,0 +1,111 @@
+"""The GPU fast path (torch.compile + the training step as CUDA graphs): same training as eager.
+
+These need a CUDA GPU; on a machine without one they are deselected (conftest), not skipped.
+Run them on a GPU machine with:  python -m pytest -m gpu tests/test_gpu.py
+"""
+
+import json
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from seqcls.build import build_trainer
+from tests.conftest import compose_cfg, synthetic_overrides, write_synthetic
+
+pytestmark = pytest.mark.gpu
+
+SMALL = ["model=tiny_roberta", "model.config_overrides.hidden_size=64", "model.config_overrides.intermediate_size=128",
+         "peft=none", "device=cuda", "dataset.max_length=40", "compile.length_bucket=8",
+         "step_scheduler.global_batch_size=16", "step_scheduler.local_batch_size=8",  # 2 micro-batches a step
+         "step_scheduler.max_steps=12", "step_scheduler.log_every_steps=1", "optimizer.lr=1e-3",
+         "lr_scheduler=linear", "lr_scheduler.warmup_ratio=0.25"]
+if os.environ.get("SEQCLS_TEST_TOKENIZER"):  # a GPU machine without the MiniLM package: its tokenizer files
+    SMALL.append(f"model.tokenizer_name_or_path={os.environ['SEQCLS_TEST_TOKENIZER']}")
+NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0", "+model.config_overrides.attention_probs_dropout_prob=0.0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The synthetic task with texts of 3 to 30 words: batches pad to several lengths."""
+    folder = write_synthetic(tmp_path_factory.mktemp("gpu") / "data", n_train=256)
+    rng = random.Random(1)
+    for name in ("train", "dev"):
+        lines = (folder / f"{name}.csv").read_text().splitlines()
+        out = [lines[0]] + [f"{' '.join(['so'] * rng.randint(0, 25))} {text},{label}"
+                            for text, label in (l.rsplit(",", 1) for l in lines[1:])]
+        (folder / f"{name}.csv").write_text("\n".join(out) + "\n")
+    return folder
+
+
+def overrides(data, run_dir, extra):
+    base = [o for o in synthetic_overrides(data, run_dir) if not o.startswith(("model=", "peft=", "+model", "step_", "optimizer.lr", "dataset.max_length"))]
+    return base + SMALL + list(extra)
+
+
+def train(data, run_dir, extra, *, stop_after=None):
+    trainer = build_trainer(compose_cfg(overrides(data, run_dir, extra)), run_dir)
+    if stop_after is not None:  # what a SIGTERM does: checkpoint at the next step boundary, then return
+        flag = SimpleNamespace(requested=False)
+        trainer.stop_signal, inner = flag, trainer.train_step
+
+        def step(micro):
+            out = inner(micro)
+            flag.requested = trainer.step + 1 >= stop_after
+            return out
+        trainer.train_step = step
+    trainer.fit()
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+    params = {n: p.detach().float().cpu().clone() for n, p in trainer.model.named_parameters()}
+    return trainer, losses, params
+
+
+def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_path):
+    graphs, g_loss, g_par = train(data, tmp_path / "g", NO_DROPOUT + ["compile.enabled=true", "checkpoint.enabled=false"])
+    eager, e_loss, e_par = train(data, tmp_path / "e", NO_DROPOUT + ["compile.enabled=false", "checkpoint.enabled=false"])
+    assert graphs.step_graphs is not None and eager.step_graphs is None
+    assert len(graphs.step_graphs.micro) >= 2  # several padded lengths, each its own graph
+    assert list(g_loss) == list(range(1, 13))
+    for step in g_loss:  # bf16 autocast in both; compiled kernels round differently
+        assert g_loss[step] == pytest.approx(e_loss[step], rel=2e-2, abs=2e-3), step
+    start = build_trainer(compose_cfg(overrides(data, tmp_path / "s", NO_DROPOUT + ["checkpoint.enabled=false"])),
+                          tmp_path / "s").model
+    moved = 0
+    for name, p in start.named_parameters():
+        delta_g, delta_e = g_par[name] - p.detach().float().cpu(), e_par[name] - p.detach().float().cpu()
+        assert torch.allclose(delta_g, delta_e, rtol=5e-2, atol=2e-4), name
+        moved += int(delta_e.abs().max() > 1e-4)
+    assert moved > len(g_par) // 2  # the comparison is over parameters that trained
+    # The LR schedule reached the graphs: warm-up then linear decay, as eager logs it.
+    rows = [json.loads(l) for l in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    erows = [json.loads(l) for l in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["split"] == "train"] == pytest.approx(
+        [r["lr"] for r in erows if r["split"] == "train"], rel=1e-6)
+
+
+def test_step_graphs_resume_with_the_same_dropout_and_optimizer_state(data, tmp_path):
+    extra = ["compile.enabled=true", "step_scheduler.ckpt_every_steps=100"]
+    _, ref_loss, ref_par = train(data, tmp_path / "ref", extra)
+    first, loss_a, _ = train(data, tmp_path / "run", extra, stop_after=5)
+    assert first.step == 5 and max(loss_a) == 5
+    _, loss_b, par_b = train(data, tmp_path / "run", extra)  # resumes from step 5's checkpoint
+    assert sorted(loss_b) == list(range(1, 13))
+    for step in range(1, 13):  # dropout masks and Adam moments carried over: the same curve
+        assert loss_b[step] == pytest.approx(ref_loss[step], rel=1e-3, abs=1e-4), step
+    for name in ref_par:
+        assert torch.allclose(par_b[name], ref_par[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_lora_under_step_graphs_trains_only_adapters_and_head(data, tmp_path):
+    trainer, losses, params = train(data, tmp_path / "l", ["peft=lora", "compile.enabled=true", "optimizer.lr=5e-3",
+                                                           "checkpoint.enabled=false"])
+    assert trainer.step_graphs is not None
+    start = build_trainer(compose_cfg(overrides(data, tmp_path / "s", ["peft=lora", "checkpoint.enabled=false"])),
+                          tmp_path / "s").model
+    for name, p in start.named_parameters():
+        changed = not torch.equal(params[name], p.detach().float().cpu())
+        assert changed == p.requires_grad, name
+    assert losses[12] < losses[1]
