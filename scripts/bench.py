@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ROBERTA_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                      max_position_embeddings=514)
+PROFILED = 5  # steps under torch.profiler (--profile-dir), run after the timed steps
 PEAK_FLOPS = {"cuda": 989e12}  # H100 / H200 SXM dense bf16
 
 
@@ -67,7 +68,7 @@ def run_seqcls(args, out: Path) -> dict:
     data, tok = default_paths(args)
     ov = [f"dataset.data_dir={data}", f"model.tokenizer_name_or_path={tok}",
           f"step_scheduler.global_batch_size={args.batch}", f"step_scheduler.local_batch_size={args.batch}",
-          f"step_scheduler.max_steps={args.warmup + args.steps}", f"step_scheduler.log_every_steps={args.log_every}",
+          f"step_scheduler.max_steps={args.warmup + args.steps + (PROFILED if args.profile_dir else 0)}", f"step_scheduler.log_every_steps={args.log_every}",
           "checkpoint.enabled=false", f"optimizer.lr={args.lr}", f"run_dir={out}", "dataset=glue_mrpc",
           f"peft={args.peft}", f"device={args.device}", f"seed={args.seed}", "step_scheduler.max_grad_norm=1.0",
           "lr_scheduler=constant", "lr_scheduler.warmup_ratio=0", f"dataset.max_length={args.max_length}"]
@@ -98,7 +99,7 @@ def run_seqcls(args, out: Path) -> dict:
     trainer.fit()
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
-    timed = [r for r in rows if r["step"] > args.warmup]
+    timed = [r for r in rows if args.warmup < r["step"] <= args.warmup + args.steps]
     model = trainer.model
     cfgm = model.config
     seconds = sum(args.log_every * args.batch / r["samples_per_s"] for r in timed)
@@ -110,19 +111,20 @@ def run_seqcls(args, out: Path) -> dict:
 
 
 def profile_steps(trainer, args) -> None:
-    """Wrap train_step in torch.profiler for a few steps after the warm-up; writes op tables."""
+    """Wrap train_step in torch.profiler for PROFILED steps after the timed ones; writes op tables."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     inner, state = trainer.train_step, {"prof": None}
 
     def step(micro):
         n = trainer.step + 1
-        if n == args.warmup + 1:
+        first = args.warmup + args.steps + 1
+        if n == first:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
             state["prof"] = profile(activities=acts)
             state["prof"].__enter__()
         out = inner(micro)
-        if n == args.warmup + 5 and state["prof"] is not None:
+        if n == first + PROFILED - 1 and state["prof"] is not None:
             if args.device == "cuda":
                 torch.cuda.synchronize()
             state["prof"].__exit__(None, None, None)

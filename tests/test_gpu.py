@@ -19,6 +19,7 @@ pytestmark = pytest.mark.gpu
 
 SMALL = ["model=tiny_roberta", "model.config_overrides.hidden_size=64", "model.config_overrides.intermediate_size=128",
          "peft=none", "device=cuda", "dataset.max_length=40", "compile.length_bucket=8",
+         "compile.dynamic=true",  # one compilation for all lengths: the tests spend less time compiling
          "step_scheduler.global_batch_size=16", "step_scheduler.local_batch_size=8",  # 2 micro-batches a step
          "step_scheduler.max_steps=12", "step_scheduler.log_every_steps=1", "optimizer.lr=1e-3",
          "lr_scheduler=linear", "lr_scheduler.warmup_ratio=0.25"]
@@ -30,7 +31,7 @@ NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0", "+model.config_
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The synthetic task with texts of 3 to 30 words: batches pad to several lengths."""
-    folder = write_synthetic(tmp_path_factory.mktemp("gpu") / "data", n_train=256)
+    folder = write_synthetic(tmp_path_factory.mktemp("gpu") / "data", n_train=256, n_val=16)
     rng = random.Random(1)
     for name in ("train", "dev"):
         lines = (folder / f"{name}.csv").read_text().splitlines()
@@ -71,13 +72,17 @@ def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_p
     assert list(g_loss) == list(range(1, 13))
     for step in g_loss:  # bf16 autocast in both; compiled kernels round differently
         assert g_loss[step] == pytest.approx(e_loss[step], rel=2e-2, abs=2e-3), step
-    start = build_trainer(compose_cfg(overrides(data, tmp_path / "s", NO_DROPOUT + ["checkpoint.enabled=false"])),
+    start = build_trainer(compose_cfg(overrides(data, tmp_path / "s", NO_DROPOUT + ["checkpoint.enabled=false",
+                                                                                   "compile.enabled=false"])),
                           tmp_path / "s").model
     moved = 0
     for name, p in start.named_parameters():
         delta_g, delta_e = g_par[name] - p.detach().float().cpu(), e_par[name] - p.detach().float().cpu()
-        assert torch.allclose(delta_g, delta_e, rtol=5e-2, atol=2e-4), name
-        moved += int(delta_e.abs().max() > 1e-4)
+        # Adam moves every weight by up to ~lr a step whatever the gradient's size, so tiny gradients
+        # that round differently move differently: the bound is a fraction of the 12 steps' total move.
+        # A missed, doubled or mis-scaled update moves weights by several times this.
+        assert (delta_g - delta_e).abs().max() < 4e-3, name
+        moved += int(delta_e.abs().max() > 3e-3)
     assert moved > len(g_par) // 2  # the comparison is over parameters that trained
     # The LR schedule reached the graphs: warm-up then linear decay, as eager logs it.
     rows = [json.loads(l) for l in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
@@ -95,17 +100,18 @@ def test_step_graphs_resume_with_the_same_dropout_and_optimizer_state(data, tmp_
     assert sorted(loss_b) == list(range(1, 13))
     for step in range(1, 13):  # dropout masks and Adam moments carried over: the same curve
         assert loss_b[step] == pytest.approx(ref_loss[step], rel=1e-3, abs=1e-4), step
-    for name in ref_par:
-        assert torch.allclose(par_b[name], ref_par[name], rtol=1e-3, atol=1e-5), name
+    for name in ref_par:  # atomics in the backward make GPU runs differ in the last bits; Adam amplifies that
+        assert (par_b[name] - ref_par[name]).abs().max() < 2e-3, name
 
 
 def test_lora_under_step_graphs_trains_only_adapters_and_head(data, tmp_path):
     trainer, losses, params = train(data, tmp_path / "l", ["peft=lora", "compile.enabled=true", "optimizer.lr=5e-3",
                                                            "checkpoint.enabled=false"])
     assert trainer.step_graphs is not None
-    start = build_trainer(compose_cfg(overrides(data, tmp_path / "s", ["peft=lora", "checkpoint.enabled=false"])),
+    start = build_trainer(compose_cfg(overrides(data, tmp_path / "s", ["peft=lora", "checkpoint.enabled=false",
+                                                                       "compile.enabled=false"])),
                           tmp_path / "s").model
     for name, p in start.named_parameters():
         changed = not torch.equal(params[name], p.detach().float().cpu())
         assert changed == p.requires_grad, name
-    assert losses[12] < losses[1]
+    assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3))
