@@ -77,11 +77,17 @@ def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_p
                           tmp_path / "s").model
     moved = 0
     for name, p in start.named_parameters():
+        if name.endswith("key.bias"):
+            # Softmax ignores a shift shared by all scores of a row: the key bias's true gradient is 0, so
+            # what moves it is rounding noise, which Adam scales up to ~lr a step in either run.
+            continue
         delta_g, delta_e = g_par[name] - p.detach().float().cpu(), e_par[name] - p.detach().float().cpu()
-        # Adam moves every weight by up to ~lr a step whatever the gradient's size, so tiny gradients
-        # that round differently move differently: the bound is a fraction of the 12 steps' total move.
-        # A missed, doubled or mis-scaled update moves weights by several times this.
-        assert (delta_g - delta_e).abs().max() < 4e-3, name
+        # Adam moves every weight by up to ~lr a step whatever the gradient's size, so single weights with
+        # tiny gradients that round differently move differently (rare tokens' embedding rows): compare
+        # each tensor's whole move. A missed, doubled or mis-scaled update is off by its own size (ratio 1).
+        moved_by = delta_e.norm()
+        if moved_by > 0:
+            assert (delta_g - delta_e).norm() < 0.5 * moved_by, name
         moved += int(delta_e.abs().max() > 3e-3)
     assert moved > len(g_par) // 2  # the comparison is over parameters that trained
     # The LR schedule reached the graphs: warm-up then linear decay, as eager logs it.
