@@ -64,6 +64,9 @@ class ModelConfig:
     num_labels: int = 2
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless you trust the model's author."""
+    first_token_last_layer: bool = True
+    """BERT-family encoders (bert, roberta, xlm-roberta, electra, camembert), whose head reads the first
+    token only: compute the last layer for that token alone (same logits, less arithmetic)."""
 
     def __post_init__(self) -> None:
         _check(self.num_labels >= 1, f"model.num_labels must be >= 1, got {self.num_labels}")
@@ -297,6 +300,8 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 42
     """One seed for data order, initialisation and dropout."""
+    cpu_keep_freed_memory: bool = True
+    """Training on CPU: glibc keeps freed memory for reuse (no fresh page faults on big tensors each step)."""
     run_dir: Optional[str] = None
     """Where the run writes; null: Hydra's output dir."""
     precision: str = "auto"

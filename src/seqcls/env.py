@@ -34,3 +34,22 @@ def package_dir(package: str, subdir: str = "") -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"package {package!r} is not installed; pip install {package.replace('_', '-')}")
     return str(Path(list(spec.submodule_search_locations)[0]) / subdir)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing large blocks back to the OS.
+
+    By default every allocation over 32 MiB is its own mmap, unmapped when freed: a training step on
+    CPU that allocates a fresh embedding gradient (MiniLM: 47 MB) then takes ~40k page faults to touch it
+    again, ~0.2 s of system time a step on 2 cores. With mmap off and trimming raised, freed blocks stay
+    in the heap. Returns False where malloc is not glibc's (nothing changes then).
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
