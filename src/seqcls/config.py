@@ -263,10 +263,11 @@ class CompileConfig:
     cuda_graphs: str = "step"
     """step: forward, backward, clipping and the optimizer update run as replayed CUDA graphs, one per
     batch shape (CUDA, one process, AdamW/Adam; elsewhere the step runs as it is). none: no graphs."""
-    dynamic: Optional[bool] = False
-    """false: one compiled graph per batch shape (the fastest kernels); null: torch.compile makes the
-    changing length symbolic after the second shape (fewer compilations, one graph per shape still)."""
-    length_bucket: int = 16
+    dynamic: Optional[bool] = None
+    """null: torch.compile makes the changing length symbolic after the second shape, so a run compiles
+    twice whatever its lengths (CUDA graphs are still one per shape); false: one compilation per shape
+    (roberta-large: about a minute each); true: symbolic from the start."""
+    length_bucket: int = 8
     """Pad each batch to a multiple of this when compiled: few shapes, few graphs."""
     bf16_frozen_weights: bool = True
     """Under LoRA on CUDA with bf16, keep the frozen base weights in bf16 (half the memory traffic)."""
