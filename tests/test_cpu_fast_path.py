@@ -1,0 +1,60 @@
+"""The CPU side of the fast path: rand-drawn dropout, malloc keeping freed memory, and the switches."""
+
+import resource
+
+import pytest
+import torch
+
+from seqcls.build import build_trainer
+from seqcls.env import keep_freed_memory
+from seqcls.models import RandDropout, from_config, rand_dropout
+from tests.conftest import compose_cfg, synthetic_overrides
+
+
+def test_rand_dropout_keeps_1_minus_p_scales_the_rest_and_is_identity_in_eval():
+    torch.manual_seed(0)
+    drop = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(4, 4), torch.nn.Dropout(0.3))
+    assert rand_dropout(drop) == 2 and all(isinstance(drop[i], RandDropout) for i in (0, 2))
+    x = torch.ones(400_000, requires_grad=True)
+    y = drop[2](x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.005)
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()  # the gradient flows through kept elements only, with the same scale
+    assert torch.equal(x.grad, y.detach())
+    drop.eval()
+    assert torch.equal(drop[0](x), x)
+
+
+def test_keep_freed_memory_stops_the_page_faults_of_a_fresh_embedding_gradient_each_step():
+    # A 64 MB embedding: its dense gradient is allocated anew every step and, above glibc's 32 MiB mmap
+    # ceiling, is mapped and unmapped each time: ~16k page faults a step unless freed memory is kept.
+    torch.manual_seed(0)
+    model = from_config("bert", num_labels=2, config_overrides=dict(
+        vocab_size=65536, hidden_size=256, num_hidden_layers=1, num_attention_heads=4, intermediate_size=256))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids, labels = torch.randint(0, 65536, (8, 16)), torch.randint(0, 2, (8,))
+
+    def faults_per_step(steps=3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(steps):
+            torch.nn.functional.cross_entropy(model(input_ids=ids).logits, labels).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+
+    assert keep_freed_memory()
+    faults_per_step()  # the first steps grow the heap
+    assert faults_per_step() < 4000
+
+
+def test_cpu_training_takes_the_fast_path_and_each_switch_turns_its_part_off(tmp_path, synthetic_dir):
+    base = synthetic_overrides(synthetic_dir, tmp_path / "a") + ["model.config_overrides.hidden_dropout_prob=0.1"]
+    fast = build_trainer(compose_cfg(base), tmp_path / "a")
+    assert fast.optimizer.defaults["fused"] is True
+    assert any(isinstance(m, RandDropout) for m in fast.model.modules())
+    assert fast.model.bert.encoder.layer[-1].forward.__func__.__name__ == "_first_token_forward"
+
+    plain = build_trainer(compose_cfg([o.replace("/a", "/b") for o in base] + ["model.first_token_last_layer=false"]),
+                          tmp_path / "b")
+    assert "forward" not in vars(plain.model.bert.encoder.layer[-1])
