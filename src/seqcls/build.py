@@ -31,6 +31,7 @@ from seqcls.trainer import Trainer
 log = logging.getLogger("seqcls")
 
 ALLOWED_TARGET_PREFIXES = ("seqcls.", "torch.optim.", "transformers.", "torchdata.", "datasets.")
+ADAM_TARGETS = ("torch.optim.AdamW", "torch.optim.Adam")  # fused (and capturable) updates
 
 
 def check_targets(cfg: DictConfig, extra_prefixes: list[str]) -> None:
@@ -181,7 +182,7 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo) 
     why = None
     if cfg.distributed.strategy != "none" or dist_info.world_size > 1:
         why = "FSDP2 and several processes run their collectives outside graphs"
-    elif cfg.optimizer._target_ not in ("torch.optim.AdamW", "torch.optim.Adam"):
+    elif cfg.optimizer._target_ not in ADAM_TARGETS:
         why = f"{cfg.optimizer._target_} has no capturable fused update"
     if why:
         log.info("compile.cuda_graphs=step left out: %s", why)
@@ -189,7 +190,7 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo) 
     return True
 
 
-def compile_model(model: torch.nn.Module, *, mode: str, sharded: bool, dynamic: Optional[bool] = False) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, *, mode: str, sharded: bool, dynamic: Optional[bool]) -> torch.nn.Module:
     """Compile in place (nn.Module.compile): parameters, state-dict keys and .config stay as they are.
 
     Under FSDP2 each transformer block is compiled on its own, between the all-gathers FSDP's hooks
@@ -265,12 +266,11 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         model = apply_fsdp2(model, cfg.distributed, dist_info=dist_info, device=device)
     else:
         model.to(device)
-    if device.type == "cpu" and not use_compile(cfg, device):  # compiled code draws its own dropout masks
-        from seqcls.models import rand_dropout
-        rand_dropout(model)
-
     amp_dtype = autocast_dtype(cfg.precision, device)
     compiled = use_compile(cfg, device)
+    if device.type == "cpu" and not compiled:  # compiled code draws its own dropout masks
+        from seqcls.models import rand_dropout
+        rand_dropout(model)
     if cfg.peft.enabled and cfg.compile.bf16_frozen_weights and amp_dtype == torch.bfloat16 \
             and cfg.distributed.strategy == "none":
         # Autocast runs the Linear matmuls in bf16 anyway: frozen fp32 copies of their weights only cost
@@ -281,8 +281,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
                 module.weight.data = module.weight.data.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_kwargs = {}
-    adam = cfg.optimizer._target_ in ("torch.optim.AdamW", "torch.optim.Adam")
-    if adam and cfg.distributed.strategy == "none":
+    if cfg.optimizer._target_ in ADAM_TARGETS and cfg.distributed.strategy == "none":
         # One kernel for the whole update instead of several per tensor: on 2 CPU cores MiniLM's AdamW
         # step takes 20 ms fused against 156 ms in the default loop (docs/benchmarks.md).
         opt_kwargs["fused"] = True

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
@@ -129,7 +130,6 @@ def first_token_last_layer(model: PreTrainedModel) -> bool:
 
 
 def _first_token_forward(layer, hidden_states, attention_mask=None, *args, **kwargs):
-    import torch.nn.functional as F
     attn = layer.attention.self
     batch, length, _ = hidden_states.shape
     first = hidden_states[:, :1]
