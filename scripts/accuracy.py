@@ -3,6 +3,7 @@
 
     python scripts/accuracy.py                       # MiniLM full fine-tune, the demo's settings
     python scripts/accuracy.py --impl hf --epochs 1
+    python scripts/accuracy.py --seeds 42,1,2       # each seed, then the mean over seeds
 
 Both fine-tune all-MiniLM-L6-v2 (the installed package's weights) on GLUE MRPC train from ../shared/data
 and evaluate on its 408 dev pairs: AdamW (lr, weight decay), batch 32, linear decay after a 6% warm-up,
@@ -79,23 +80,31 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--warmup-ratio", type=float, default=0.06)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seeds", default="42", help="comma list: each implementation runs once per seed")
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "mrpc")
     args = ap.parse_args()
     args.data_dir = args.data_dir.resolve()
     rows = []
-    for impl in args.impl.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.time()
-            r = (run_hf if impl == "hf" else run_seqcls)(args, Path(tmp) / "run")
-            r.update(impl=impl, minutes=(time.time() - t0) / 60)
-            rows.append(r)
-            print(f"ACCURACY_RESULT {json.dumps(r)}", flush=True)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for seed in seeds:
+        args.seed = seed
+        for impl in args.impl.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.time()
+                r = (run_hf if impl == "hf" else run_seqcls)(args, Path(tmp) / "run")
+                r.update(impl=impl, seed=seed, minutes=(time.time() - t0) / 60)
+                rows.append(r)
+                print(f"ACCURACY_RESULT {json.dumps(r)}", flush=True)
     print(f"\nMRPC dev (408 pairs), all-MiniLM-L6-v2 full fine-tune, {args.epochs} epochs, batch {args.batch}, "
-          f"lr {args.lr}, weight decay {args.weight_decay}, seed {args.seed}\n")
-    print("| impl | accuracy | F1 | steps | minutes |\n|---|---|---|---|---|")
+          f"lr {args.lr}, weight decay {args.weight_decay}\n")
+    print("| impl | seed | accuracy | F1 | steps | minutes |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['impl']} | {r['accuracy']:.4f} | {r['f1']:.4f} | {r['steps']} | {r['minutes']:.1f} |")
+        print(f"| {r['impl']} | {r['seed']} | {r['accuracy']:.4f} | {r['f1']:.4f} | {r['steps']} | {r['minutes']:.1f} |")
+    if len(seeds) > 1:
+        for impl in args.impl.split(","):
+            mine = [r for r in rows if r["impl"] == impl]
+            acc, f1 = (sum(r[k] for r in mine) / len(mine) for k in ("accuracy", "f1"))
+            print(f"| {impl} | mean of {len(mine)} | {acc:.4f} | {f1:.4f} | | |")
 
 
 if __name__ == "__main__":

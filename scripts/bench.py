@@ -132,9 +132,9 @@ def profile_steps(trainer, args) -> None:
             d = Path(args.profile_dir)
             d.mkdir(parents=True, exist_ok=True)
             name = f"{args.impl}_{args.peft}_b{args.batch}"
-            (d / f"{name}_cpu.txt").write_text(ka.table(sort_by="self_cpu_time_total", row_limit=25))
+            (d / f"{name}_cpu.txt").write_text(ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=110))
             if args.device == "cuda":
-                (d / f"{name}_cuda.txt").write_text(ka.table(sort_by="self_cuda_time_total", row_limit=25))
+                (d / f"{name}_cuda.txt").write_text(ka.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=110))
             state["prof"] = None
         return out
 

@@ -58,3 +58,15 @@ def test_cpu_training_takes_the_fast_path_and_each_switch_turns_its_part_off(tmp
     plain = build_trainer(compose_cfg([o.replace("/a", "/b") for o in base] + ["model.first_token_last_layer=false"]),
                           tmp_path / "b")
     assert "forward" not in vars(plain.model.bert.encoder.layer[-1])
+
+
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compile_scope_picks_what_is_compiled(tmp_path, synthetic_dir, scope):
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + ["compile.enabled=true", f"compile.scope={scope}"])
+    model = build_trainer(cfg, tmp_path).model
+    blocks = list(model.bert.encoder.layer)
+    assert len(blocks) >= 2
+    # nn.Module.compile sets the compiled call on the module it is called on (compilation waits for a call)
+    assert (model._compiled_call_impl is not None) == (scope == "model")
+    assert all((b._compiled_call_impl is not None) == (scope == "blocks") for b in blocks)
+    assert model.bert.embeddings._compiled_call_impl is None

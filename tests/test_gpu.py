@@ -64,16 +64,26 @@ def train(data, run_dir, extra, *, stop_after=None):
     return trainer, losses, params
 
 
-def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_path):
-    graphs, g_loss, g_par = train(data, tmp_path / "g", NO_DROPOUT + ["compile.enabled=true", "checkpoint.enabled=false"])
-    eager, e_loss, e_par = train(data, tmp_path / "e", NO_DROPOUT + ["compile.enabled=false", "checkpoint.enabled=false"])
+ONE_MICRO_BATCH = ["step_scheduler.local_batch_size=16"]  # the one-graph step: forward, backward, update
+
+
+@pytest.mark.parametrize("scope,extra", [("model", []), ("blocks", []), ("blocks", ONE_MICRO_BATCH)],
+                         ids=["model-accumulate", "blocks-accumulate", "blocks-one-graph"])
+def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_path, scope, extra):
+    graphs, g_loss, g_par = train(data, tmp_path / "g", NO_DROPOUT + extra + [
+        "compile.enabled=true", "checkpoint.enabled=false", f"compile.scope={scope}"])
+    eager, e_loss, e_par = train(data, tmp_path / "e", NO_DROPOUT + extra + [
+        "compile.enabled=false", "checkpoint.enabled=false"])
     assert graphs.step_graphs is not None and eager.step_graphs is None
+    assert graphs.step_graphs.one_graph == bool(extra)
     assert len(graphs.step_graphs.micro) >= 2  # several padded lengths, each its own graph
+    if extra:  # no gradient memory between steps, as in eager training
+        assert all(p.grad is None for p in graphs.model.parameters())
     assert list(g_loss) == list(range(1, 13))
     for step in g_loss:  # bf16 autocast in both; compiled kernels round differently
         assert g_loss[step] == pytest.approx(e_loss[step], rel=2e-2, abs=2e-3), step
-    start = build_trainer(compose_cfg(overrides(data, tmp_path / "s", NO_DROPOUT + ["checkpoint.enabled=false",
-                                                                                   "compile.enabled=false"])),
+    start = build_trainer(compose_cfg(overrides(data, tmp_path / "s", NO_DROPOUT + extra + [
+                                                    "checkpoint.enabled=false", "compile.enabled=false"])),
                           tmp_path / "s").model
     moved = 0
     for name, p in start.named_parameters():
@@ -97,8 +107,9 @@ def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_p
         [r["lr"] for r in erows if r["split"] == "train"], rel=1e-6)
 
 
-def test_step_graphs_resume_with_the_same_dropout_and_optimizer_state(data, tmp_path):
-    extra = ["compile.enabled=true", "step_scheduler.ckpt_every_steps=100"]
+@pytest.mark.parametrize("micro", [[], ONE_MICRO_BATCH], ids=["accumulate", "one-graph"])
+def test_step_graphs_resume_with_the_same_dropout_and_optimizer_state(data, tmp_path, micro):
+    extra = ["compile.enabled=true", "step_scheduler.ckpt_every_steps=100"] + micro
     _, ref_loss, ref_par = train(data, tmp_path / "ref", extra)
     first, loss_a, _ = train(data, tmp_path / "run", extra, stop_after=5)
     assert first.step == 5 and max(loss_a) == 5

@@ -190,21 +190,24 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo) 
     return True
 
 
-def compile_model(model: torch.nn.Module, *, mode: str, sharded: bool, dynamic: Optional[bool]) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, *, mode: str, per_block: bool, dynamic: Optional[bool]) -> torch.nn.Module:
     """Compile in place (nn.Module.compile): parameters, state-dict keys and .config stay as they are.
 
-    Under FSDP2 each transformer block is compiled on its own, between the all-gathers FSDP's hooks
-    issue; CUDA graphs are left out there (collectives inside a graph need more care than this).
+    ``per_block``: each transformer block is compiled on its own (under FSDP2, between the all-gathers
+    its hooks issue; CUDA graphs are left out there: collectives inside a graph need more care than this).
+    The blocks run one code object, so it is compiled once for all of them, not once per block.
     """
-    # One graph per (length bucket, train/eval) and, under FSDP2, all blocks share one code object:
+    # One graph per (length bucket, train/eval) and, per block, all blocks share one code object:
     # the default limit of 8 compiled variants would send the rest back to eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    if sharded:
+    blocks = []
+    if per_block:
         from seqcls.distributed import find_transformer_blocks
-        for block in find_transformer_blocks(model):
-            block.compile(mode="max-autotune-no-cudagraphs" if "autotune" in mode else "default", dynamic=dynamic)
-    else:
+        blocks = find_transformer_blocks(model)
+    if not blocks:
         model.compile(mode=mode, dynamic=dynamic)
+    for block in blocks:
+        block.compile(mode=mode, dynamic=dynamic)
     return model
 
 
@@ -290,7 +293,11 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         opt_kwargs.update(capturable=True, lr=torch.tensor(float(cfg.optimizer.lr), device=device))
     optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)
     if compiled:
-        model = compile_model(model, mode=cfg.compile.mode, sharded=cfg.distributed.strategy == "fsdp2",
+        sharded = cfg.distributed.strategy == "fsdp2"
+        mode = cfg.compile.mode
+        if sharded and mode in ("reduce-overhead", "max-autotune"):
+            mode = "max-autotune-no-cudagraphs" if "autotune" in mode else "default"
+        model = compile_model(model, mode=mode, per_block=sharded or cfg.compile.scope == "blocks",
                               dynamic=cfg.compile.dynamic)
     lr_lambda = instantiate(cfg.lr_scheduler)(plan["total_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

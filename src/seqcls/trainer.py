@@ -127,7 +127,8 @@ class Trainer:
             from seqcls.step_graph import StepGraphs
             self.step_graphs = StepGraphs(optimizer, forward_loss=self._forward_loss,
                                           denom=local_batch_size * grad_accum_steps,
-                                          max_grad_norm=max_grad_norm, device=device)
+                                          max_grad_norm=max_grad_norm, device=device,
+                                          one_graph=grad_accum_steps == 1)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
