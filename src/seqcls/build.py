@@ -282,6 +282,10 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, LoRALinear)) and not module.weight.requires_grad:
                 module.weight.data = module.weight.data.to(torch.bfloat16)
+    if cfg.model.fuse_frozen_qkv and cfg.distributed.strategy == "none":  # after the last .to() and dtype change
+        from seqcls.models import fuse_frozen_qkv
+        if fused := fuse_frozen_qkv(model):
+            log.info("query/key/value computed by one matrix multiply in %d attention blocks", fused)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_kwargs = {}
     if cfg.optimizer._target_ in ADAM_TARGETS and cfg.distributed.strategy == "none":

@@ -72,8 +72,12 @@ class LoRALinear(nn.Module):
         # goes in place; and scaling A's rank-sized output is out/dim times cheaper than B's.
         rows = x.reshape(-1, self.in_features)
         result = F.linear(rows, self.weight, self.bias)
-        result.add_(self.lora_B(self.lora_A(self.lora_dropout(rows)) * self.scale))
+        result.add_(self.lora_delta(rows))
         return result.view(*x.shape[:-1], self.out_features)
+
+    def lora_delta(self, x: Tensor) -> Tensor:
+        """The adapter's term alone: (alpha / dim) * B(A(dropout(x)))."""
+        return self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, alpha={self.alpha}"

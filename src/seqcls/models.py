@@ -107,6 +107,18 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
 FIRST_TOKEN_HEADS = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
 
+def _encoder_layers(model: PreTrainedModel):
+    """The BERT-style encoder layers of a FIRST_TOKEN_HEADS model with sdpa/eager attention, else None."""
+    config = model.config
+    base = getattr(model, model.base_model_prefix, None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if (config.model_type not in FIRST_TOKEN_HEADS or not layers or config.is_decoder
+            or getattr(config, "add_cross_attention", False)
+            or getattr(config, "_attn_implementation", "eager") not in ("sdpa", "eager")):
+        return None
+    return layers
+
+
 def first_token_last_layer(model: PreTrainedModel) -> bool:
     """Compute the last encoder layer for the first token alone; its keys and values still see every token.
 
@@ -114,12 +126,8 @@ def first_token_last_layer(model: PreTrainedModel) -> bool:
     attention output and feed-forward shrink from every token to one a sequence (for a 6-layer encoder,
     about a seventh of the step's arithmetic). Returns whether the model qualified.
     """
-    config = model.config
-    base = getattr(model, model.base_model_prefix, None)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if (config.model_type not in FIRST_TOKEN_HEADS or not layers or config.is_decoder
-            or getattr(config, "add_cross_attention", False)
-            or getattr(config, "_attn_implementation", "eager") not in ("sdpa", "eager")):
+    layers = _encoder_layers(model)
+    if layers is None:
         return False
     last = layers[-1]
     attn = getattr(getattr(last, "attention", None), "self", None)
@@ -138,12 +146,67 @@ def _first_token_forward(layer, hidden_states, attention_mask=None, *args, **kwa
     value = attn.value(hidden_states).view(batch, length, -1, attn.attention_head_size).transpose(1, 2)
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[2] > 1:
         attention_mask = attention_mask[:, :, :1]  # the first query's row (boolean, or additive for eager)
-    context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                             dropout_p=attn.dropout.p if layer.training else 0.0,
-                                             scale=attn.scaling)
-    context = context.transpose(1, 2).reshape(batch, 1, -1)
+    context = _attend(attn, query, key, value, attention_mask).reshape(batch, 1, -1)
     attention_output = layer.attention.output(context, first)
     return layer.feed_forward_chunk(attention_output)
+
+
+def _attend(attn, query, key, value, attention_mask):
+    """Scaled dot-product attention as the layer's sdpa/eager paths compute it; (batch, length, heads, dim)."""
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                             dropout_p=attn.dropout.p if attn.training else 0.0,
+                                             scale=attn.scaling)
+    return context.transpose(1, 2)
+
+
+def fuse_frozen_qkv(model: PreTrainedModel) -> int:
+    """Compute query, key and value with one matrix multiply where their weights and biases are frozen.
+
+    The three weights (and biases) are moved into one tensor and each Parameter becomes a view of its
+    rows: the same Parameter objects, names, values and memory, so state dicts, checkpoints and the
+    optimizer see no change. LoRA adapters on query/key/value still add their own term. Call it after
+    the model has its final device and dtype (``.to()`` replaces a Parameter's data and undoes the
+    views). Returns the number of attention blocks fused.
+    """
+    from seqcls.lora import LoRALinear
+    layers = _encoder_layers(model)
+    if layers is None:
+        return 0
+    n = 0
+    for layer in layers:
+        attn = getattr(getattr(layer, "attention", None), "self", None)
+        mods = [getattr(attn, name, None) for name in ("query", "key", "value")]
+        if "forward" in vars(layer) or not all(isinstance(m, (torch.nn.Linear, LoRALinear)) for m in mods):
+            continue  # the first-token last layer projects the first token's query on its own
+        tensors = [m.weight for m in mods] + [m.bias for m in mods]
+        if any(t is None or t.requires_grad for t in tensors) or len({(t.dtype, t.device) for t in tensors}) != 1:
+            continue
+        weight = torch.cat([m.weight.detach() for m in mods])
+        bias = torch.cat([m.bias.detach() for m in mods])
+        rows = mods[0].weight.shape[0]
+        for i, m in enumerate(mods):
+            m.weight.data = weight[i * rows:(i + 1) * rows]
+            m.bias.data = bias[i * rows:(i + 1) * rows]
+        attn.fused_qkv = (weight, bias)
+        attn.forward = types.MethodType(_fused_qkv_forward, attn)
+        n += 1
+    return n
+
+
+def _fused_qkv_forward(attn, hidden_states, attention_mask=None, *args, **kwargs):
+    if args or any(kwargs.get(k) is not None for k in ("cache", "past_key_values", "encoder_hidden_states")):
+        return type(attn).forward(attn, hidden_states, attention_mask, *args, **kwargs)
+    from seqcls.lora import LoRALinear
+    input_shape = hidden_states.shape[:-1]
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+    weight, bias = attn.fused_qkv
+    heads = []
+    for part, module in zip(F.linear(rows, weight, bias).chunk(3, dim=-1), (attn.query, attn.key, attn.value)):
+        if isinstance(module, LoRALinear):
+            part = part + module.lora_delta(rows)
+        heads.append(part.reshape(*input_shape, -1, attn.attention_head_size).transpose(1, 2))
+    context = _attend(attn, *heads, attention_mask)
+    return context.reshape(*input_shape, -1), None
 
 
 class RandDropout(torch.nn.Dropout):
