@@ -67,8 +67,16 @@ def run_hf(args, out: Path) -> dict:
         save_strategy="no", logging_steps=50, disable_tqdm=True)
     trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=DataCollatorWithPadding(tok))
     trainer.train()
-    pred = trainer.predict(dev)
-    y, p = pred.label_ids, np.argmax(pred.predictions, axis=-1)
+    # Every dev pair, as seqcls evaluates: Trainer.predict would apply dataloader_drop_last to the dev set
+    # too and score 384 of the 408 pairs.
+    model.eval()
+    collate, preds = DataCollatorWithPadding(tok), []
+    with torch.no_grad():
+        for i in range(0, len(dev), args.batch):
+            b = collate([{k: v for k, v in ex.items() if k != "labels"} for ex in dev[i:i + args.batch]])
+            preds.append(model(**{k: v.to(model.device) for k, v in b.items()}).logits.argmax(-1).cpu())
+    y, p = np.array([ex["labels"] for ex in dev]), torch.cat(preds).numpy()
+    assert len(p) == len(dev)
     return {"accuracy": float(accuracy_score(y, p)), "f1": float(f1_score(y, p)), "steps": trainer.state.global_step}
 
 
