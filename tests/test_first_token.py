@@ -41,15 +41,20 @@ def test_same_logits_and_gradients_as_the_whole_layer(model_type, attn, lora):
     base = getattr(fast, fast.base_model_prefix)
     assert base(**inputs).last_hidden_state.shape[1] == 1  # the fast layer ran
 
-    whole.eval(), fast.eval()
+    assert_same_logits_and_gradients(fast, whole, inputs, labels)
+
+
+def assert_same_logits_and_gradients(fast, reference, inputs, labels):
+    """Eval logits to 1e-6, then one backward each: the same parameters get gradients, of equal values."""
+    reference.eval(), fast.eval()
     with torch.no_grad():
-        torch.testing.assert_close(fast(**inputs).logits, whole(**inputs).logits, rtol=1e-5, atol=1e-6)
-    whole.train(), fast.train()
-    for m in (whole, fast):
+        torch.testing.assert_close(fast(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-6)
+    reference.train(), fast.train()
+    for m in (reference, fast):
         torch.nn.functional.cross_entropy(m(**inputs).logits, labels).backward()
     grads = {n: p.grad for n, p in fast.named_parameters() if p.grad is not None}
-    assert grads.keys() == {n for n, p in whole.named_parameters() if p.grad is not None}
-    for name, p in whole.named_parameters():
+    assert grads.keys() == {n for n, p in reference.named_parameters() if p.grad is not None} != set()
+    for name, p in reference.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 

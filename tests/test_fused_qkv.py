@@ -11,7 +11,7 @@ from seqcls.build import build_trainer
 from seqcls.lora import inject_lora
 from seqcls.models import first_token_last_layer, from_config, fuse_frozen_qkv
 from tests.conftest import compose_cfg, synthetic_overrides
-from tests.test_first_token import SMALL, batch
+from tests.test_first_token import SMALL, assert_same_logits_and_gradients, batch
 
 
 def frozen_base(model_type, attn, lora):
@@ -44,22 +44,12 @@ def test_same_logits_gradients_and_state_dict_as_three_projections(model_type, a
     for k in before:
         assert torch.equal(after[k], before[k]), k
     attn0 = getattr(fused, fused.base_model_prefix).encoder.layer[0].attention.self
-    weight, _ = attn0.fused_qkv
+    weight = attn0.fused_qkv[0]
     rows = attn0.query.weight.numel() * weight.element_size()  # the parameters are views of the fused rows
     assert [m.weight.data_ptr() - weight.data_ptr() for m in (attn0.query, attn0.key, attn0.value)] == [0, rows, 2 * rows]
 
     inputs, labels = batch()
-    plain.eval(), fused.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(fused(**inputs).logits, plain(**inputs).logits, rtol=1e-5, atol=1e-6)
-    plain.train(), fused.train()
-    for m in (plain, fused):
-        torch.nn.functional.cross_entropy(m(**inputs).logits, labels).backward()
-    grads = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
-    assert grads.keys() == {n for n, p in plain.named_parameters() if p.grad is not None} != set()
-    for name, p in plain.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_logits_and_gradients(fused, plain, inputs, labels)
 
 
 def test_trainable_projections_are_left_alone():

@@ -187,7 +187,8 @@ def fuse_frozen_qkv(model: PreTrainedModel) -> int:
         for i, m in enumerate(mods):
             m.weight.data = weight[i * rows:(i + 1) * rows]
             m.bias.data = bias[i * rows:(i + 1) * rows]
-        attn.fused_qkv = (weight, bias)
+        # Which of the three carry a LoRA term: decided here, not on every forward.
+        attn.fused_qkv = (weight, bias, tuple(m if isinstance(m, LoRALinear) else None for m in mods))
         attn.forward = types.MethodType(_fused_qkv_forward, attn)
         n += 1
     return n
@@ -196,14 +197,13 @@ def fuse_frozen_qkv(model: PreTrainedModel) -> int:
 def _fused_qkv_forward(attn, hidden_states, attention_mask=None, *args, **kwargs):
     if args or any(kwargs.get(k) is not None for k in ("cache", "past_key_values", "encoder_hidden_states")):
         return type(attn).forward(attn, hidden_states, attention_mask, *args, **kwargs)
-    from seqcls.lora import LoRALinear
     input_shape = hidden_states.shape[:-1]
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-    weight, bias = attn.fused_qkv
+    weight, bias, adapters = attn.fused_qkv
     heads = []
-    for part, module in zip(F.linear(rows, weight, bias).chunk(3, dim=-1), (attn.query, attn.key, attn.value)):
-        if isinstance(module, LoRALinear):
-            part = part + module.lora_delta(rows)
+    for part, adapter in zip(F.linear(rows, weight, bias).chunk(3, dim=-1), adapters):
+        if adapter is not None:
+            part = part + adapter.lora_delta(rows)
         heads.append(part.reshape(*input_shape, -1, attn.attention_head_size).transpose(1, 2))
     context = _attend(attn, *heads, attention_mask)
     return context.reshape(*input_shape, -1), None

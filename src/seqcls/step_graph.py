@@ -149,14 +149,14 @@ class StepGraphs:
         static = {k: torch.empty(v.shape, dtype=v.dtype, device=self.device) for k, v in batch.items()}
         for k, v in batch.items():
             static[k].copy_(v)
-        # Warm-up accumulates into the real gradients: zero them after, or put back a partial accumulation
-        # (the one-graph step has none between steps: it drops what warm-up made).
-        kept = None if self.grads_zero or self.one_graph else [g.clone() for g in self.grads]
         norm = None
         with torch.random.fork_rng(devices=[self.device]):
             if self.one_graph:  # each warm-up pass starts without gradients, as a step of the graph does
                 self._warm_up(lambda: (self._micro_body(static), self._drop_grads()))
             else:
+                # Warm-up accumulates into the real gradients: zero them after, or put back a partial
+                # accumulation.
+                kept = None if self.grads_zero else [g.clone() for g in self.grads]
                 self._warm_up(lambda: self._micro_body(static))
                 if kept is None:
                     torch._foreach_zero_(self.grads)
