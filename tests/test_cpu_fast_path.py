@@ -8,6 +8,7 @@ import torch
 from seqcls.build import build_trainer
 from seqcls.env import keep_freed_memory
 from seqcls.models import RandDropout, from_config, rand_dropout
+from seqcls.trainer import clip_and_update
 from tests.conftest import compose_cfg, synthetic_overrides
 
 
@@ -70,3 +71,55 @@ def test_compile_scope_picks_what_is_compiled(tmp_path, synthetic_dir, scope):
     assert (model._compiled_call_impl is not None) == (scope == "model")
     assert all((b._compiled_call_impl is not None) == (scope == "blocks") for b in blocks)
     assert model.bert.embeddings._compiled_call_impl is None
+
+
+@pytest.mark.parametrize("opt_kind", ["fused-adamw", "fused-adam", "sgd"])
+@pytest.mark.parametrize("grad_size", [0.01, 30.0])  # below and above the clipping threshold
+def test_clip_and_update_matches_clip_grad_norm_then_step(opt_kind, grad_size):
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(7, 5), (5,), (3, 3, 2)]]
+        if opt_kind == "sgd":
+            return params, torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        cls = torch.optim.AdamW if opt_kind == "fused-adamw" else torch.optim.Adam
+        return params, cls(params, lr=0.1, weight_decay=0.01, fused=True)
+
+    def fresh_grads(params, step):
+        gen = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * grad_size
+
+    ref, ref_opt = make()
+    for step in range(2):
+        fresh_grads(ref, step)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0, foreach=True)
+        ref_opt.step()
+    got, opt = make()
+    for step in range(2):
+        fresh_grads(got, step)
+        norm = clip_and_update(opt, got, 1.0)
+    assert not hasattr(opt, "grad_scale")  # nothing left to scale a later, unclipped update
+    assert torch.allclose(norm, ref_norm, rtol=1e-6)
+    assert (norm > 1.0) == (grad_size > 1.0)
+    for r, g in zip(ref, got):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(g.grad, r.grad, rtol=1e-5, atol=1e-8)  # the gradients end clipped, as clip_grad_norm_ leaves them
+    # no clipping: a plain step
+    before = [p.detach().clone() for p in got]
+    assert clip_and_update(opt, got, None).item() == 0.0
+    assert any(not torch.equal(b, p) for b, p in zip(before, got))
+
+
+def test_attn_implementation_reaches_the_model_and_computes_the_same_logits(tmp_path, synthetic_dir):
+    models = {}
+    for attn in ("eager", "sdpa"):
+        cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path / attn) + [f"model.attn_implementation={attn}"])
+        models[attn] = build_trainer(cfg, tmp_path / attn).model.eval()
+        assert models[attn].config._attn_implementation == attn
+    models["sdpa"].load_state_dict(models["eager"].state_dict())
+    ids = torch.randint(5, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # padding: the mask takes each kernel's own form (additive for eager, boolean for sdpa)
+    with torch.no_grad():
+        eager, sdpa = (models[a](input_ids=ids, attention_mask=mask).logits for a in ("eager", "sdpa"))
+    assert torch.allclose(eager, sdpa, atol=1e-5) and not torch.allclose(eager, torch.zeros_like(eager))

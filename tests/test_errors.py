@@ -90,6 +90,7 @@ CASES = [
     ("max_length_too_long", ["dataset.max_length=5000"], "lower dataset.max_length"),
     ("model_path_missing", ["model=minilm_l6", "model.pretrained_model_name_or_path=/no/such/model"], "does not exist"),
     ("model_num_labels", ["model.num_labels=5"], "leave model.num_labels"),
+    ("attn_implementation", ["model.attn_implementation=fastest"], "model.attn_implementation=fastest cannot be used"),
     ("lora_glob_matches_nothing", ["peft=lora", "peft.target_modules=[*.qkv_proj]"], "*.qkv_proj"),
     ("lora_no_targets", ["peft=lora", "peft.target_modules=[]"], "peft.target_modules is empty"),
     ("target_not_allowed", ["optimizer._target_=os.system"], "allowed_target_prefixes"),

@@ -124,7 +124,7 @@ def build_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
         raise ConfigError(f"model.num_labels={mcfg.num_labels} disagrees with dataset.num_labels={cfg.dataset.num_labels}; "
                           f"leave model.num_labels at its default ${{dataset.num_labels}}")
     kwargs = dict(num_labels=mcfg.num_labels, labels=list(cfg.dataset.labels) if cfg.dataset.labels else None,
-                  trust_remote_code=mcfg.trust_remote_code)
+                  trust_remote_code=mcfg.trust_remote_code, attn_implementation=mcfg.attn_implementation)
     if mcfg._target_ == "seqcls.models.from_config":
         kwargs.update(model_type=mcfg.model_type, tokenizer=tokenizer,
                       config_overrides=OmegaConf.to_container(mcfg.config_overrides))

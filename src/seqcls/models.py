@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import re
 import types
 from pathlib import Path
 from typing import Any, Optional
@@ -56,7 +58,8 @@ def _is_local(name_or_path: str) -> bool:
 
 
 def from_pretrained(pretrained_model_name_or_path: str, *, num_labels: int, labels: Optional[list[str]] = None,
-                    trust_remote_code: bool = False, **_: Any) -> PreTrainedModel:
+                    trust_remote_code: bool = False, attn_implementation: Optional[str] = None,
+                    **_: Any) -> PreTrainedModel:
     """A pretrained encoder with a freshly initialised classification head."""
     if pretrained_model_name_or_path is None:
         raise ConfigError("model.pretrained_model_name_or_path is not set; pass a hub id or a local directory")
@@ -66,9 +69,10 @@ def from_pretrained(pretrained_model_name_or_path: str, *, num_labels: int, labe
     if not _is_local(pretrained_model_name_or_path):
         go_offline_if_hub_unreachable()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            pretrained_model_name_or_path, trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=True, **_label_kwargs(num_labels, labels))
+        with _attn_errors(attn_implementation):
+            return AutoModelForSequenceClassification.from_pretrained(
+                pretrained_model_name_or_path, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True,
+                **_attn_kwargs(attn_implementation), **_label_kwargs(num_labels, labels))
     except OSError as e:
         if _is_local(pretrained_model_name_or_path):
             raise ConfigError(f"{pretrained_model_name_or_path} is not a loadable Hugging Face model directory "
@@ -79,14 +83,31 @@ def from_pretrained(pretrained_model_name_or_path: str, *, num_labels: int, labe
 
 def from_config(model_type: str, *, num_labels: int, labels: Optional[list[str]] = None,
                 config_overrides: Optional[dict] = None, tokenizer: Optional[PreTrainedTokenizerBase] = None,
-                **_: Any) -> PreTrainedModel:
+                attn_implementation: Optional[str] = None, **_: Any) -> PreTrainedModel:
     """A randomly initialised model of ``model_type`` (tiny models for tests), sized by config_overrides."""
     overrides = dict(config_overrides or {})
     if tokenizer is not None:
         overrides.setdefault("vocab_size", len(tokenizer))
         overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
     config = AutoConfig.for_model(model_type, **overrides, **_label_kwargs(num_labels, labels))
-    return AutoModelForSequenceClassification.from_config(config)
+    with _attn_errors(attn_implementation):
+        return AutoModelForSequenceClassification.from_config(config, **_attn_kwargs(attn_implementation))
+
+
+def _attn_kwargs(attn_implementation: Optional[str]) -> dict:
+    return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+
+
+@contextlib.contextmanager
+def _attn_errors(attn_implementation: Optional[str]):
+    """HF's refusal of an attention kernel (unknown name, package missing) as one line naming the field."""
+    try:
+        yield
+    except (ValueError, ImportError) as e:
+        if attn_implementation is None or not re.search(r"attn|attention", str(e), re.IGNORECASE):
+            raise
+        raise ConfigError(f"model.attn_implementation={attn_implementation} cannot be used: "
+                          f"{str(e).splitlines()[0]} (leave it unset for HF's default, sdpa)") from None
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -152,9 +173,15 @@ def _first_token_forward(layer, hidden_states, attention_mask=None, *args, **kwa
 
 
 def _attend(attn, query, key, value, attention_mask):
-    """Scaled dot-product attention as the layer's sdpa/eager paths compute it; (batch, length, heads, dim)."""
-    context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                             dropout_p=attn.dropout.p if attn.training else 0.0,
+    """Attention as the layer's own sdpa or eager path computes it; returns (batch, length, heads, dim)."""
+    dropout = attn.dropout.p if attn.training else 0.0
+    if attn.config._attn_implementation == "eager":  # scores, mask, softmax, dropout and mixing, step by step
+        scores = torch.matmul(query, key.transpose(2, 3)) * attn.scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=attn.training)
+        return torch.matmul(probs, value).transpose(1, 2)
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                              scale=attn.scaling)
     return context.transpose(1, 2)
 

@@ -32,6 +32,8 @@ from typing import Callable, Optional
 
 import torch
 
+from seqcls.trainer import clip_and_update
+
 log = logging.getLogger("seqcls")
 
 
@@ -125,11 +127,7 @@ class StepGraphs:
         self.update = (graph, norm)
 
     def _update_body(self) -> torch.Tensor:
-        if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
-        else:
-            norm = torch.zeros((), device=self.device)
-        self.optimizer.step()
+        norm = clip_and_update(self.optimizer, self.params, self.max_grad_norm)
         if self.one_graph:
             self._drop_grads()
         else:

@@ -74,6 +74,34 @@ class StopSignal:
         sys.exit(EXIT_PREEMPTED)
 
 
+def clip_and_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                    max_grad_norm: Optional[float]) -> torch.Tensor:
+    """Clip the global gradient norm to ``max_grad_norm`` (None: no clipping), then step the optimizer.
+    Returns the norm before clipping, as a device tensor.
+
+    A fused Adam/AdamW divides each gradient by its ``grad_scale`` inside the update kernel (the hook
+    GradScaler uses to unscale). Handing it the clipping factor there spares a pass that reads and
+    writes every gradient: in a full fine-tune of roberta-large, 1.4 GB of fp32 gradients a step.
+    The update is that of ``clip_grad_norm_`` followed by ``step()``; it also leaves the gradients clipped.
+    """
+    if max_grad_norm is None:
+        optimizer.step()
+        return torch.zeros((), device=params[0].device)
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused"):
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # clip_grad_norm_ multiplies by max_norm / (norm + 1e-6) where that is below 1: divide by its inverse
+        optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_grad_norm, min=1.0)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+        return norm
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    optimizer.step()
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object a line), written by rank 0 only; every row also goes to the
     ``loggers`` (TensorBoard, and W&B or MLflow when chosen: seqcls.loggers), which rank 0 alone holds."""
@@ -188,15 +216,9 @@ class Trainer:
             loss_sum = self._forward_loss(self._to_device(batch))
             (loss_sum / denom).backward()
             loss_total += loss_sum.detach()
-        if self.max_grad_norm is not None:
-            if not hasattr(self, "_trainable"):
-                self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.max_grad_norm, foreach=True)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-        else:
-            grad_norm = torch.zeros((), device=self.device)
-        self.optimizer.step()
+        if not hasattr(self, "_trainable"):
+            self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = clip_and_update(self.optimizer, self._trainable, self.max_grad_norm)
         self.scheduler.step()
         # Flush the gradients as soon as we can: frees memory before the next forward.
         self.optimizer.zero_grad(set_to_none=True)
