@@ -5,7 +5,8 @@ import resource
 import pytest
 import torch
 
-from seqcls.build import build_trainer
+from seqcls.build import build_trainer, use_step_graphs
+from seqcls.distributed import DistInfo
 from seqcls.env import keep_freed_memory
 from seqcls.models import RandDropout, from_config, rand_dropout
 from seqcls.trainer import clip_and_update
@@ -110,16 +111,25 @@ def test_clip_and_update_matches_clip_grad_norm_then_step(opt_kind, grad_size):
     assert any(not torch.equal(b, p) for b, p in zip(before, got))
 
 
-def test_attn_implementation_reaches_the_model_and_computes_the_same_logits(tmp_path, synthetic_dir):
+@pytest.mark.parametrize("attn", ["eager", "math"])
+def test_attn_implementation_reaches_the_model_and_computes_the_same_logits(tmp_path, synthetic_dir, attn):
     models = {}
-    for attn in ("eager", "sdpa"):
+    for attn in (attn, "sdpa"):
         cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path / attn) + [f"model.attn_implementation={attn}"])
         models[attn] = build_trainer(cfg, tmp_path / attn).model.eval()
         assert models[attn].config._attn_implementation == attn
-    models["sdpa"].load_state_dict(models["eager"].state_dict())
+    other, sdpa = models
+    models[sdpa].load_state_dict(models[other].state_dict())
     ids = torch.randint(5, 100, (3, 12))
     mask = torch.ones_like(ids)
-    mask[0, 7:] = 0  # padding: the mask takes each kernel's own form (additive for eager, boolean for sdpa)
+    mask[0, 7:] = 0  # padding: the mask takes each kernel's own form (additive for eager, boolean for sdpa, math)
     with torch.no_grad():
-        eager, sdpa = (models[a](input_ids=ids, attention_mask=mask).logits for a in ("eager", "sdpa"))
-    assert torch.allclose(eager, sdpa, atol=1e-5) and not torch.allclose(eager, torch.zeros_like(eager))
+        got, ref = (models[a](input_ids=ids, attention_mask=mask).logits for a in (other, sdpa))
+    assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(got, torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("attn,graphs", [(None, True), ("math", True), ("sdpa", True), ("eager", False)])
+def test_step_graphs_are_left_out_for_hf_eager_attention_only(tmp_path, synthetic_dir, attn, graphs):
+    extra = [] if attn is None else [f"model.attn_implementation={attn}"]
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + extra)
+    assert use_step_graphs(cfg, torch.device("cuda"), DistInfo()) == graphs  # the decision only: no GPU needed

@@ -25,11 +25,12 @@ def batch(seed=0):
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "math"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_same_logits_and_gradients_as_the_whole_layer(model_type, attn, lora):
     torch.manual_seed(0)
     whole = from_config(model_type, num_labels=3, config_overrides={**SMALL, "attn_implementation": attn})
+    assert whole.config._attn_implementation == attn
     if lora:
         inject_lora(whole, target_modules=["*.query", "*.value"], dim=4, alpha=8, dropout=0.0)
         for name, p in whole.named_parameters():  # B starts at zero: give it values so A's gradient is not 0

@@ -18,6 +18,7 @@ def frozen_base(model_type, attn, lora):
     torch.manual_seed(0)
     model = from_config(model_type, num_labels=3, config_overrides={**SMALL, "num_hidden_layers": 3,
                                                                      "attn_implementation": attn})
+    assert model.config._attn_implementation == attn
     if lora:
         inject_lora(model, target_modules=["*.query", "*.value"], dim=4, alpha=8, dropout=0.0)
         for name, p in model.named_parameters():  # B starts at zero: give it values so A's gradient is not 0
@@ -29,7 +30,7 @@ def frozen_base(model_type, attn, lora):
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "math"])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("first_token", [False, True])
 def test_same_logits_gradients_and_state_dict_as_three_projections(model_type, attn, lora, first_token):

@@ -67,17 +67,19 @@ def train(data, run_dir, extra, *, stop_after=None):
 ONE_MICRO_BATCH = ["step_scheduler.local_batch_size=16"]  # the one-graph step: forward, backward, update
 
 
-@pytest.mark.parametrize("scope,extra", [("model", []), ("blocks", []), ("blocks", ONE_MICRO_BATCH)],
-                         ids=["model-accumulate", "blocks-accumulate", "blocks-one-graph"])
+@pytest.mark.parametrize("scope,extra", [("model", []), ("blocks", []), ("blocks", ONE_MICRO_BATCH),
+                                         ("blocks", ONE_MICRO_BATCH + ["model.attn_implementation=math"])],
+                         ids=["model-accumulate", "blocks-accumulate", "blocks-one-graph", "blocks-one-graph-math-attn"])
 def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_path, scope, extra):
     graphs, g_loss, g_par = train(data, tmp_path / "g", NO_DROPOUT + extra + [
         "compile.enabled=true", "checkpoint.enabled=false", f"compile.scope={scope}"])
     eager, e_loss, e_par = train(data, tmp_path / "e", NO_DROPOUT + extra + [
         "compile.enabled=false", "checkpoint.enabled=false"])
     assert graphs.step_graphs is not None and eager.step_graphs is None
-    assert graphs.step_graphs.one_graph == bool(extra)
+    one_graph = ONE_MICRO_BATCH[0] in extra
+    assert graphs.step_graphs.one_graph == one_graph
     assert len(graphs.step_graphs.micro) >= 2  # several padded lengths, each its own graph
-    if extra:  # no gradient memory between steps, as in eager training
+    if one_graph:  # no gradient memory between steps, as in eager training
         assert all(p.grad is None for p in graphs.model.parameters())
     assert list(g_loss) == list(range(1, 13))
     for step in g_loss:  # bf16 autocast in both; compiled kernels round differently

@@ -184,6 +184,8 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo) 
         why = "FSDP2 and several processes run their collectives outside graphs"
     elif cfg.optimizer._target_ not in ADAM_TARGETS:
         why = f"{cfg.optimizer._target_} has no capturable fused update"
+    elif cfg.model.attn_implementation == "eager":
+        why = "HF's eager attention copies a host value to the GPU as it builds its mask (math computes the same)"
     if why:
         log.info("compile.cuda_graphs=step left out: %s", why)
         return False

@@ -68,8 +68,9 @@ class ModelConfig:
     """BERT-family encoders (bert, roberta, xlm-roberta, electra, camembert), whose head reads the first
     token only: compute the last layer for that token alone (same logits, less arithmetic)."""
     attn_implementation: Optional[str] = None
-    """Hugging Face's attention kernel: null (HF's default, sdpa), sdpa, eager, or another that HF
-    knows (flash_attention_2 needs its package)."""
+    """The attention kernel: null (HF's default, sdpa), sdpa, eager, math (seqcls: plain tensor ops that
+    torch.compile fuses; fastest for short sequences on GPU), or another that HF knows (flash_attention_2
+    needs its package)."""
     fuse_frozen_qkv: bool = False
     """The same encoders, where query/key/value weights are frozen (LoRA on attention, or a frozen
     base): one matrix multiply for all three instead of three (same values; LoRA terms still added)."""
