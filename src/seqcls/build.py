@@ -185,7 +185,7 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo) 
     elif cfg.optimizer._target_ not in ADAM_TARGETS:
         why = f"{cfg.optimizer._target_} has no capturable fused update"
     elif cfg.model.attn_implementation == "eager":
-        why = "HF's eager attention copies a host value to the GPU as it builds its mask (math computes the same)"
+        why = "HF's eager attention builds its mask with a host-to-GPU copy, which a graph cannot hold (use sdpa)"
     if why:
         log.info("compile.cuda_graphs=step left out: %s", why)
         return False

@@ -129,13 +129,13 @@ FIRST_TOKEN_HEADS = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
 
 def _encoder_layers(model: PreTrainedModel):
-    """The BERT-style encoder layers of a FIRST_TOKEN_HEADS model with sdpa/eager/math attention, else None."""
+    """The BERT-style encoder layers of a FIRST_TOKEN_HEADS model with sdpa/eager attention, else None."""
     config = model.config
     base = getattr(model, model.base_model_prefix, None)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if (config.model_type not in FIRST_TOKEN_HEADS or not layers or config.is_decoder
             or getattr(config, "add_cross_attention", False)
-            or getattr(config, "_attn_implementation", "eager") not in ("sdpa", "eager", "math")):
+            or getattr(config, "_attn_implementation", "eager") not in ("sdpa", "eager")):
         return None
     return layers
 
@@ -172,37 +172,15 @@ def _first_token_forward(layer, hidden_states, attention_mask=None, *args, **kwa
     return layer.feed_forward_chunk(attention_output)
 
 
-def math_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                   scaling: Optional[float] = None, **_: Any):
-    """Attention as plain tensor ops: scores, mask, softmax, dropout, mixing; (batch, heads, length, dim)
-    in, HF's (output (batch, length, heads, dim), None) out. The mask is boolean (True: attend) or additive.
-
-    ``model.attn_implementation=math``. Under torch.compile the mask, softmax and dropout become one
-    generated kernel between two batched matmuls. For short sequences (MRPC: ~53 tokens) that beats
-    the fused attention kernels, whose tiles are sized for long sequences.
-    """
-    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        scores = (scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-                  if attention_mask.dtype == torch.bool else scores + attention_mask)
-    probs = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=module.training)
-    return torch.matmul(probs, value).transpose(1, 2), None
-
-
-try:  # HF's registries of attention kernels and of the mask each wants (boolean, as sdpa's)
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register("math", math_attention)
-    AttentionMaskInterface.register("math", sdpa_mask)
-except ImportError:  # transformers before 4.53: model.attn_implementation=math is refused by HF in one line
-    pass
-
-
 def _attend(attn, query, key, value, attention_mask):
-    """Attention as the layer's own kernel computes it; returns (batch, length, heads, dim)."""
+    """Attention as the layer's own sdpa or eager path computes it; returns (batch, length, heads, dim)."""
     dropout = attn.dropout.p if attn.training else 0.0
-    if attn.config._attn_implementation in ("eager", "math"):
-        return math_attention(attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling)[0]
+    if attn.config._attn_implementation == "eager":  # scores, additive mask, softmax, dropout, mixing
+        scores = torch.matmul(query, key.transpose(2, 3)) * attn.scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=attn.training)
+        return torch.matmul(probs, value).transpose(1, 2)
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                              scale=attn.scaling)
     return context.transpose(1, 2)
