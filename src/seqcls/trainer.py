@@ -80,9 +80,10 @@ def clip_and_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Ten
     Returns the norm before clipping, as a device tensor.
 
     A fused Adam/AdamW divides each gradient by its ``grad_scale`` inside the update kernel (the hook
-    GradScaler uses to unscale). Handing it the clipping factor there spares a pass that reads and
-    writes every gradient: in a full fine-tune of roberta-large, 1.4 GB of fp32 gradients a step.
-    The update is that of ``clip_grad_norm_`` followed by ``step()``; it also leaves the gradients clipped.
+    GradScaler uses to unscale). Handing it the clipping factor there spares the separate pass that
+    rescales every gradient (full fine-tune of roberta-large on an H200: 0.28 ms less of a 17.6 ms
+    step, docs/benchmarks.md). The update is that of ``clip_grad_norm_`` followed by ``step()``, and
+    the gradients are left clipped, as ``clip_grad_norm_`` leaves them.
     """
     if max_grad_norm is None:
         optimizer.step()
