@@ -131,4 +131,7 @@ def test_attn_implementation_reaches_the_model_and_computes_the_same_logits(tmp_
 def test_step_graphs_are_left_out_for_hf_eager_attention_only(tmp_path, synthetic_dir, attn, graphs):
     extra = [] if attn is None else [f"model.attn_implementation={attn}"]
     cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + extra)
-    assert use_step_graphs(cfg, torch.device("cuda"), DistInfo()) == graphs  # the decision only: no GPU needed
+    model = build_trainer(cfg, tmp_path).model  # the kernel the model ended up with decides
+    assert model.config._attn_implementation == (attn or "sdpa")
+    # the decision only, for a CUDA device: no GPU needed
+    assert use_step_graphs(cfg, torch.device("cuda"), DistInfo(), model.config._attn_implementation) == graphs

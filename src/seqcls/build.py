@@ -175,8 +175,11 @@ def use_compile(cfg: DictConfig, device: torch.device) -> bool:
     return bool(cfg.compile.enabled)
 
 
-def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo) -> bool:
-    """compile.cuda_graphs=step applies to one CUDA process training with AdamW or Adam."""
+def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
+                    attn_implementation: Optional[str]) -> bool:
+    """compile.cuda_graphs=step applies to one CUDA process training with AdamW or Adam, and a model
+    whose attention kernel (``model.config._attn_implementation``: HF picks eager itself for models
+    without sdpa) can be captured."""
     if cfg.compile.cuda_graphs != "step" or device.type != "cuda":
         return False
     why = None
@@ -184,7 +187,7 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo) 
         why = "FSDP2 and several processes run their collectives outside graphs"
     elif cfg.optimizer._target_ not in ADAM_TARGETS:
         why = f"{cfg.optimizer._target_} has no capturable fused update"
-    elif cfg.model.attn_implementation == "eager":
+    elif attn_implementation == "eager":
         why = "HF's eager attention builds its mask with a host-to-GPU copy, which a graph cannot hold (use sdpa)"
     if why:
         log.info("compile.cuda_graphs=step left out: %s", why)
@@ -294,7 +297,8 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         # One kernel for the whole update instead of several per tensor: on 2 CPU cores MiniLM's AdamW
         # step takes 20 ms fused against 156 ms in the default loop (docs/benchmarks.md).
         opt_kwargs["fused"] = True
-    graphs = compiled and use_step_graphs(cfg, device, dist_info)
+    graphs = compiled and use_step_graphs(cfg, device, dist_info,
+                                          getattr(model.config, "_attn_implementation", None))
     if graphs:  # the update inside a CUDA graph: step counts and the learning rate live on the device
         opt_kwargs.update(capturable=True, lr=torch.tensor(float(cfg.optimizer.lr), device=device))
     optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)
