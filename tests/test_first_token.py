@@ -24,18 +24,24 @@ def batch(seed=0):
     return {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (6,), generator=g)
 
 
+def small_model(model_type, attn, lora, **overrides):
+    """A seeded SMALL model with the given attention kernel, and LoRA on query/value if asked."""
+    torch.manual_seed(0)
+    model = from_config(model_type, num_labels=3, config_overrides={**SMALL, **overrides, "attn_implementation": attn})
+    assert model.config._attn_implementation == attn
+    if lora:
+        inject_lora(model, target_modules=["*.query", "*.value"], dim=4, alpha=8, dropout=0.0)
+        for name, p in model.named_parameters():  # B starts at zero: give it values so A's gradient is not 0
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_same_logits_and_gradients_as_the_whole_layer(model_type, attn, lora):
-    torch.manual_seed(0)
-    whole = from_config(model_type, num_labels=3, config_overrides={**SMALL, "attn_implementation": attn})
-    assert whole.config._attn_implementation == attn
-    if lora:
-        inject_lora(whole, target_modules=["*.query", "*.value"], dim=4, alpha=8, dropout=0.0)
-        for name, p in whole.named_parameters():  # B starts at zero: give it values so A's gradient is not 0
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1)
+    whole = small_model(model_type, attn, lora)
     fast = copy.deepcopy(whole)
     assert first_token_last_layer(fast)
     inputs, labels = batch()

@@ -8,22 +8,13 @@ import pytest
 import torch
 
 from seqcls.build import build_trainer
-from seqcls.lora import inject_lora
 from seqcls.models import first_token_last_layer, from_config, fuse_frozen_qkv
 from tests.conftest import compose_cfg, synthetic_overrides
-from tests.test_first_token import SMALL, assert_same_logits_and_gradients, batch
+from tests.test_first_token import SMALL, assert_same_logits_and_gradients, batch, small_model
 
 
 def frozen_base(model_type, attn, lora):
-    torch.manual_seed(0)
-    model = from_config(model_type, num_labels=3, config_overrides={**SMALL, "num_hidden_layers": 3,
-                                                                     "attn_implementation": attn})
-    assert model.config._attn_implementation == attn
-    if lora:
-        inject_lora(model, target_modules=["*.query", "*.value"], dim=4, alpha=8, dropout=0.0)
-        for name, p in model.named_parameters():  # B starts at zero: give it values so A's gradient is not 0
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1)
+    model = small_model(model_type, attn, lora, num_hidden_layers=3)
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name or "classifier" in name
     return model
