@@ -105,8 +105,13 @@ def test_clip_and_update_matches_clip_grad_norm_then_step(opt_kind, grad_size):
     for r, g in zip(ref, got):
         assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
         assert torch.allclose(g.grad, r.grad, rtol=1e-5, atol=1e-8)  # the gradients end clipped, as clip_grad_norm_ leaves them
-    # no clipping: a plain step
+    # no gradients at all (the second warm-up pass of a one-graph step): a zero norm, nothing moves
     before = [p.detach().clone() for p in got]
+    opt.zero_grad(set_to_none=True)
+    assert clip_and_update(opt, got, 1.0).item() == 0.0
+    assert all(torch.equal(p, b) for p, b in zip(got, before))
+    # no clipping: a plain step
+    fresh_grads(got, 5)
     assert clip_and_update(opt, got, None).item() == 0.0
     assert any(not torch.equal(b, p) for b, p in zip(before, got))
 

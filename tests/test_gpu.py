@@ -133,3 +133,45 @@ def test_lora_under_step_graphs_trains_only_adapters_and_head(data, tmp_path):
         changed = not torch.equal(params[name], p.detach().float().cpu())
         assert changed == p.requires_grad, name
     assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3))
+
+
+def test_compiled_master_weight_update_matches_eager_and_replays_in_a_cuda_graph():
+    from seqcls.optim import MasterWeightAdamW, use_bf16_weights
+    from seqcls.trainer import clip_and_update
+
+    def make(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 8)).cuda()
+        opt = MasterWeightAdamW(model.parameters(), lr=torch.tensor(1e-2, device="cuda"), weight_decay=0.1,
+                                capturable=True, compiled=compiled, masters=use_bf16_weights(model))
+        return list(model.parameters()), opt
+
+    def grads(params, step):
+        gen = torch.Generator(device="cuda").manual_seed(step)
+        return [torch.randn(p.shape, generator=gen, device="cuda").to(p.dtype) * (0.01 + step) for p in params]
+
+    ref, ref_opt = make(compiled=False)
+    for step in range(4):
+        for p, g in zip(ref, grads(ref, step)):
+            p.grad = g
+        clip_and_update(ref_opt, ref, 1.0)  # steps 1-3 clip, step 0 does not
+    got, opt = make(compiled=True)
+    for p, g in zip(got, grads(got, 0)):
+        p.grad = g
+    clip_and_update(opt, got, 1.0)  # compiles, outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        clip_and_update(opt, got, 1.0)
+    for step in range(1, 4):
+        for p, g in zip(got, grads(got, step)):
+            p.grad.copy_(g)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert got[0].dtype == torch.bfloat16
+    for r, g in zip(ref, got):
+        state, ref_state = opt.state[g], ref_opt.state[r]
+        assert state["step"].item() == 4
+        for key in ref_state:
+            assert torch.allclose(state[key], ref_state[key], rtol=1e-5, atol=1e-7), key
+        if "master" in state:
+            assert torch.equal(g, state["master"].to(torch.bfloat16))

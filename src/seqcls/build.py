@@ -291,6 +291,15 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         from seqcls.models import fuse_frozen_qkv
         if fused := fuse_frozen_qkv(model):
             log.info("query/key/value computed by one matrix multiply in %d attention blocks", fused)
+    # MasterWeightAdamW takes AdamW's and Adam's usual hyperparameters, not amsgrad, foreach and the like.
+    master_weights = (not cfg.peft.enabled and cfg.compile.bf16_master_weights and amp_dtype == torch.bfloat16
+                      and cfg.distributed.strategy == "none" and cfg.optimizer._target_ in ADAM_TARGETS
+                      and set(cfg.optimizer) <= {"_target_", "_partial_", "lr", "betas", "eps", "weight_decay"})
+    masters = None
+    if master_weights:  # before the optimizer, which takes the fp32 weights as its masters
+        from seqcls.optim import use_bf16_weights
+        masters = use_bf16_weights(model)
+        log.info("%d Linear weights trained in bf16 with fp32 masters in the optimizer", len(masters))
     params = [p for p in model.parameters() if p.requires_grad]
     opt_kwargs = {}
     if cfg.optimizer._target_ in ADAM_TARGETS and cfg.distributed.strategy == "none":
@@ -301,7 +310,14 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
                                           getattr(model.config, "_attn_implementation", None))
     if graphs:  # the update inside a CUDA graph: step counts and the learning rate live on the device
         opt_kwargs.update(capturable=True, lr=torch.tensor(float(cfg.optimizer.lr), device=device))
-    optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)
+    if master_weights:
+        from seqcls.optim import MasterWeightAdamW
+        opt_kwargs.pop("fused")
+        hyper = {k: v for k, v in cfg.optimizer.items() if k not in ("_target_", "_partial_")}
+        optimizer = MasterWeightAdamW(params, **{**hyper, **opt_kwargs}, masters=masters, compiled=graphs,
+                                      decoupled_weight_decay=cfg.optimizer._target_ == "torch.optim.AdamW")
+    else:
+        optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)
     if compiled:
         sharded = cfg.distributed.strategy == "fsdp2"
         mode = cfg.compile.mode

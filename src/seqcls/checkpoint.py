@@ -75,6 +75,14 @@ def read_pointer(root: Path, name: str) -> Optional[Path]:
     return target if target.is_dir() else None
 
 
+def master_weights(model: torch.nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """State-dict key -> fp32 master of each bf16 weight that the optimizer keeps one for
+    (seqcls.optim.MasterWeightAdamW): the saved model gets the weights at full precision."""
+    masters = optimizer.masters() if hasattr(optimizer, "masters") else {}
+    return {name: masters[p].detach().to("cpu", copy=True)
+            for name, p in model.named_parameters() if p in masters}
+
+
 def save_hf_dir(out: Path, state_dict: dict[str, torch.Tensor], config, tokenizer) -> None:
     """A directory that AutoModelForSequenceClassification.from_pretrained loads."""
     out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +122,7 @@ class Checkpointer:
         # fp32 for the saved model: frozen weights kept in bf16 for training (compile.bf16_frozen_weights)
         # would otherwise round away the small LoRA update when it is merged into them.
         state = {k: v.float() if v.is_floating_point() else v for k, v in full_state_dict(trainer.model).items()}
+        state.update(master_weights(trainer.model, trainer.optimizer))
         trainer_state = trainer.state_dict()  # on every rank: it all-reduces the train-loss window
         if self.dist.is_writer:
             config = getattr(trainer.model, "config", None)

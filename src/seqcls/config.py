@@ -283,6 +283,11 @@ class CompileConfig:
     """Pad each batch to a multiple of this when compiled: few shapes, few graphs."""
     bf16_frozen_weights: bool = True
     """Under LoRA on CUDA with bf16, keep the frozen base weights in bf16 (half the memory traffic)."""
+    bf16_master_weights: bool = True
+    """Full fine-tuning with bf16 autocast, one process, AdamW/Adam: keep the Linear weights in bf16 with
+    fp32 masters in the optimizer (seqcls.optim), instead of casting fp32 weights to bf16 every forward
+    and bf16 gradients to fp32 every backward. Same training up to float rounding order; the saved
+    model holds the fp32 masters."""
 
     def __post_init__(self) -> None:
         _check(self.mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),

@@ -74,6 +74,15 @@ class StopSignal:
         sys.exit(EXIT_PREEMPTED)
 
 
+def total_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together, as clip_grad_norm_ computes it, with the norms of bf16
+    gradients (seqcls.optim's bf16 weights) taken in fp32 rather than rounded to bf16."""
+    norms = []
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        norms.extend(torch._foreach_norm([g for g in grads if g.dtype == dtype], 2, dtype=torch.float32))
+    return torch.linalg.vector_norm(torch.stack(norms), 2)
+
+
 def clip_and_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
                     max_grad_norm: Optional[float]) -> torch.Tensor:
     """Clip the global gradient norm to ``max_grad_norm`` (None: no clipping), then step the optimizer.
@@ -82,15 +91,17 @@ def clip_and_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Ten
     A fused Adam/AdamW divides each gradient by its ``grad_scale`` inside the update kernel (the hook
     GradScaler uses to unscale). Handing it the clipping factor there spares the separate pass that
     rescales every gradient (full fine-tune of roberta-large on an H200: 0.28 ms less of a 17.6 ms
-    step, docs/benchmarks.md). The update is that of ``clip_grad_norm_`` followed by ``step()``, and
-    the gradients are left clipped, as ``clip_grad_norm_`` leaves them.
+    step, docs/benchmarks.md). seqcls.optim.MasterWeightAdamW takes the same hook. The update is that
+    of ``clip_grad_norm_`` followed by ``step()``, and fused AdamW leaves the gradients clipped, as
+    ``clip_grad_norm_`` leaves them (MasterWeightAdamW leaves its bf16 gradients as they were).
     """
-    if max_grad_norm is None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_grad_norm is None or not grads:  # no gradients (a step graph's warm-up): nothing moves
         optimizer.step()
         return torch.zeros((), device=params[0].device)
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused"):
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    fused_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")
+    if fused_adam or getattr(optimizer, "accepts_grad_scale", False):
+        norm = total_grad_norm(grads)
         # clip_grad_norm_ multiplies by max_norm / (norm + 1e-6) where that is below 1: divide by its inverse
         optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_grad_norm, min=1.0)
         try:

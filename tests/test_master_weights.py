@@ -1,0 +1,152 @@
+"""bf16 working weights with fp32 masters (seqcls.optim): the same training as fp32 weights under
+autocast, the masters survive a checkpoint, and the saved model holds them."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from seqcls.optim import MasterWeightAdamW, use_bf16_weights
+from seqcls.trainer import clip_and_update
+from tests.conftest import compose_cfg, synthetic_overrides
+
+
+def linear_stack(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+
+
+def autocast_step(model, x, y):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    torch.nn.functional.cross_entropy(out.float(), y).backward()
+
+
+@pytest.mark.parametrize("decoupled", [True, False])  # AdamW, Adam with L2 decay
+@pytest.mark.parametrize("max_norm", [None, 0.05])  # 0.05: every step clipped
+def test_master_weights_train_as_fp32_weights_under_autocast(decoupled, max_norm):
+    ref = linear_stack()
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    ref_opt = cls(ref.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    got = copy.deepcopy(ref)
+    masters = use_bf16_weights(got)
+    assert len(masters) == 2 and got[0].weight.dtype == torch.bfloat16 and got[0].bias.dtype == torch.float32
+    opt = MasterWeightAdamW(got.parameters(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=decoupled,
+                            masters=masters)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(32, 12, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        autocast_step(ref, x, y)
+        autocast_step(got, x, y)
+        # The forward and backward see the same bf16 weights: the gradients are the same numbers.
+        for r, g in zip(ref.parameters(), got.parameters()):
+            assert torch.equal(r.grad.to(g.grad.dtype), g.grad)
+        ref_norm = clip_and_update(ref_opt, list(ref.parameters()), max_norm)
+        norm = clip_and_update(opt, list(got.parameters()), max_norm)
+        assert torch.allclose(norm, ref_norm, rtol=1e-6)
+        ref_opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
+    assert not hasattr(opt, "grad_scale") or opt.grad_scale is None
+    for r, g in zip(ref.parameters(), got.parameters()):
+        state = opt.state[g]
+        if g.dtype == torch.bfloat16:
+            # the master follows the fp32 weight; the weight is the master rounded to bf16
+            assert torch.allclose(state["master"], r, rtol=1e-5, atol=1e-7)
+            assert torch.equal(g, state["master"].to(torch.bfloat16))
+            assert state["exp_avg"].dtype == torch.float32
+        else:
+            assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(state["exp_avg_sq"], ref_opt.state[r]["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+        assert state["step"].item() == 4
+
+
+def test_master_weights_start_from_the_fp32_weights_not_their_bf16_rounding():
+    model = linear_stack()
+    fp32 = model[0].weight.detach().clone()
+    opt = MasterWeightAdamW(model.parameters(), lr=0.0, masters=use_bf16_weights(model))
+    autocast_step(model, torch.randn(4, 12), torch.tensor([0, 1, 2, 0]))
+    opt.step()
+    assert torch.equal(opt.state[model[0].weight]["master"], fp32)
+    assert not torch.equal(fp32.to(torch.bfloat16).float(), fp32)  # the test would see a rounding
+
+
+def test_load_state_dict_keeps_masters_and_moments_in_fp32():
+    model = linear_stack()
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-2, masters=use_bf16_weights(model))
+    autocast_step(model, torch.randn(4, 12), torch.tensor([0, 1, 2, 0]))
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = MasterWeightAdamW(model.parameters(), lr=1e-2)
+    fresh.load_state_dict(saved)
+    for p in model.parameters():
+        for key, value in opt.state[p].items():
+            assert fresh.state[p][key].dtype == value.dtype
+            assert torch.equal(fresh.state[p][key], value)
+
+
+def test_a_bf16_run_with_master_weights_matches_fp32_weights_and_saves_the_masters(tmp_path, synthetic_dir):
+    from seqcls.train import run
+    losses, saved = {}, {}
+    for flag in ("true", "false"):
+        run_dir = tmp_path / flag
+        run(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+            "precision=bf16", "step_scheduler.max_steps=8", "step_scheduler.log_every_steps=2",
+            "optimizer.weight_decay=0.01", f"compile.bf16_master_weights={flag}"]))
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[flag] = [r["loss"] for r in rows if r["split"] == "train"]
+        saved[flag] = load_file(str(run_dir / "checkpoints" / "step_00000008" / "model" / "model.safetensors"))
+    assert len(losses["true"]) == 4
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
+    got, ref = saved["true"], saved["false"]
+    assert got.keys() == ref.keys()
+    weight = next(k for k in got if k.endswith("attention.self.query.weight"))
+    assert got[weight].dtype == torch.float32
+    # Full-precision masters, not bf16 weights written as fp32: the low mantissa bits are in use.
+    assert not torch.equal(got[weight].to(torch.bfloat16).float(), got[weight])
+    for k in got:
+        assert torch.allclose(got[k].float(), ref[k].float(), rtol=1e-3, atol=1e-5), k
+
+
+def test_a_run_stopped_and_resumed_continues_from_the_fp32_masters_exactly(tmp_path, synthetic_dir):
+    from seqcls.build import build_trainer
+
+    class StopAt:  # what a SIGTERM after step 4 does: a checkpoint there, then the run stops
+        def __init__(self, trainer, step):
+            self.trainer, self.step = trainer, step
+
+        @property
+        def requested(self):
+            return self.trainer.step >= self.step
+
+    def cfg(run_dir):
+        return compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+            "precision=bf16", "step_scheduler.max_steps=8", "step_scheduler.log_every_steps=1",
+            "step_scheduler.ckpt_every_steps=100", "optimizer.weight_decay=0.01"])
+
+    build_trainer(cfg(tmp_path / "ref"), tmp_path / "ref").fit()
+    first = build_trainer(cfg(tmp_path / "run"), tmp_path / "run")
+    first.stop_signal = StopAt(first, 4)
+    assert first.fit()["stopped_early"]
+    second = build_trainer(cfg(tmp_path / "run"), tmp_path / "run")
+    assert second.step == 4
+    second.fit()
+    rows = {name: [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text()
+                                                          .splitlines()) if r["split"] == "train"]
+            for name in ("ref", "run")}
+    assert len(rows["ref"]) == 8 and rows["run"] == rows["ref"]
+    a, b = (load_file(str(tmp_path / name / "checkpoints" / "step_00000008" / "model" / "model.safetensors"))
+            for name in ("ref", "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_state_exists_from_construction_so_a_step_graph_warm_up_can_save_and_restore_it():
+    # seqcls.step_graph warms the update up at lr 0, then copies the saved state back and zeroes state
+    # that did not exist before: a master created lazily there would be zeroed, and the weights with it.
+    model = linear_stack()
+    fp32 = model[0].weight.detach().clone()
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-2, masters=use_bf16_weights(model))
+    assert set(opt.state) == set(model.parameters())
+    assert torch.equal(opt.state[model[0].weight]["master"], fp32)
+    assert "master" not in opt.state[model[0].bias] and opt.state[model[0].bias]["step"].item() == 0
