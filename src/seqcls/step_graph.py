@@ -105,7 +105,9 @@ class StepGraphs:
         self.ready = True
 
         saved_lr = [g["lr"].clone() for g in self.optimizer.param_groups]
-        saved_state = {p: {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
+        # Kept in host memory: a copy on the GPU (moments, and seqcls.optim's fp32 masters) would raise
+        # the run's peak memory by the optimizer state's size.
+        saved_state = {p: {k: v.to("cpu", copy=True) for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
                        for p in self.params if p in self.optimizer.state}
         with torch.random.fork_rng(devices=[self.device]):
             for g in self.optimizer.param_groups:
