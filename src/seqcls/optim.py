@@ -91,19 +91,21 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             lr, wd, eps, decoupled = group["lr"], group["weight_decay"], group["eps"], group["decoupled_weight_decay"]
             if torch.is_tensor(lr) and group["params"] and lr.device != group["params"][0].device:
                 lr = lr.to(group["params"][0].device)  # torch.distributed.checkpoint's state init sets a CPU 0.0
-            scale = self.grad_scale
             fused = {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [], "steps": []}
+            masters = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self._init_state(p)
-                if "master" not in state:
-                    for key, value in zip(fused, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
-                        fused[key].append(value)
+                if "master" in state:
+                    masters.append((p, state))
                     continue
-                state["step"].add_(1)
-                if scale is None:
-                    scale = torch.ones((), device=p.device)
+                for key, value in zip(fused, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                    fused[key].append(value)
+            if masters:  # one launch counts every tensor's step, not one a tensor
+                torch._foreach_add_([state["step"] for _, state in masters], 1)
+                scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=masters[0][0].device)
+            for p, state in masters:
                 self._update(p.view(-1), state["master"].view(-1), p.grad.view(-1), state["exp_avg"].view(-1),
                              state["exp_avg_sq"].view(-1), state["step"], lr, scale,
                              beta1, beta2, eps, wd, decoupled)
