@@ -84,6 +84,20 @@ def test_load_state_dict_keeps_masters_and_moments_in_fp32():
         for key, value in opt.state[p].items():
             assert fresh.state[p][key].dtype == value.dtype
             assert torch.equal(fresh.state[p][key], value)
+    # The loaded values are the ones the next update works on (the flat buffers, not loose copies).
+    twin = linear_stack(seed=1)
+    use_bf16_weights(twin)
+    twin.load_state_dict(model.state_dict())
+    again = MasterWeightAdamW(twin.parameters(), lr=1e-2)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for m in (model, twin):
+        for p, g in zip(m.parameters(), bf16_grads(list(m.parameters()), 5)):
+            p.grad = g
+    opt.step()
+    again.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(again.state[b].get("master", b), opt.state[a].get("master", a))
 
 
 def test_a_bf16_run_with_master_weights_matches_fp32_weights_and_saves_the_masters(tmp_path, synthetic_dir):
@@ -150,3 +164,89 @@ def test_state_exists_from_construction_so_a_step_graph_warm_up_can_save_and_res
     assert set(opt.state) == set(model.parameters())
     assert torch.equal(opt.state[model[0].weight]["master"], fp32)
     assert "master" not in opt.state[model[0].bias] and opt.state[model[0].bias]["step"].item() == 0
+
+
+def deep_stack(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+
+
+def bf16_grads(params, step):
+    gen = torch.Generator().manual_seed(step)
+    return [(torch.randn(p.shape, generator=gen) * 0.1).bfloat16().to(p.dtype) for p in params]
+
+
+def test_buckets_hold_parameters_and_state_as_views_of_flat_buffers_and_update_as_one_tensor_at_a_time():
+    ref_model, got_model = deep_stack(), deep_stack()
+    ref = MasterWeightAdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.1, masters=use_bf16_weights(ref_model),
+                            buckets=[[m.weight] for m in ref_model])  # a bucket a tensor
+    got = MasterWeightAdamW(got_model.parameters(), lr=1e-2, weight_decay=0.1, masters=use_bf16_weights(got_model),
+                            buckets=[[got_model[0].weight, got_model[1].weight], [got_model[2].weight]])
+    flat = got._buckets[0]
+    assert [len(b.params) for b in flat] == [2, 1, 1]  # the weight no bucket named gets one of its own
+    first = flat[0]
+    base = first.weight.untyped_storage().data_ptr()
+    assert got_model[1].weight.untyped_storage().data_ptr() == base
+    assert got_model[1].weight.data_ptr() == base + 64 * 2  # after the first weight's 64 bf16 values
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        assert got.state[got_model[1].weight][key].untyped_storage().data_ptr() == first.flat[key].data_ptr()
+    for step in range(3):
+        for model in (ref_model, got_model):
+            for p, g in zip(model.parameters(), bf16_grads(list(model.parameters()), step)):
+                p.grad = g
+        ref.step()
+        got.step()
+    for r, g in zip(ref_model.parameters(), got_model.parameters()):
+        assert torch.equal(r, g)  # the same arithmetic element by element, bucketed or not
+        for key, value in ref.state[r].items():
+            assert torch.equal(got.state[g][key], value), key
+
+
+def test_a_bucket_member_without_a_gradient_takes_no_step_as_in_torch_adamw():
+    ref_model, got_model = deep_stack(), deep_stack()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.1)
+    got = MasterWeightAdamW(got_model.parameters(), lr=1e-2, weight_decay=0.1, masters=use_bf16_weights(got_model))
+    for step in range(4):
+        for model in (ref_model, got_model):
+            params = list(model.parameters())
+            for i, (p, g) in enumerate(zip(params, bf16_grads(params, step))):
+                p.grad = None if (step == 1 and i == 4) else g  # step 1: the third Linear's weight has none
+        ref.step()
+        got.step()
+    assert got._buckets[0][0].split
+    for r, g in zip(ref_model.parameters(), got_model.parameters()):
+        state = got.state[g]
+        assert state["step"].item() == ref.state[r]["step"].item()
+        master = state.get("master", g)
+        assert torch.allclose(master, r, rtol=1e-5, atol=1e-7)
+    assert got.state[got_model[2].weight]["step"].item() == 3
+
+
+def test_a_replaced_parameter_tensor_is_put_back_into_its_bucket():
+    model = deep_stack()
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-2, masters=use_bf16_weights(model))
+    model[1].weight.data = model[1].weight.data.clone()  # what a load with assign=True does
+    for p, g in zip(model.parameters(), bf16_grads(list(model.parameters()), 0)):
+        p.grad = g
+    opt.step()
+    bucket = opt._buckets[0][0]
+    assert model[1].weight.untyped_storage().data_ptr() == bucket.weight.data_ptr()
+    assert torch.equal(model[1].weight, opt.state[model[1].weight]["master"].to(torch.bfloat16))
+
+
+def test_weight_buckets_are_whole_blocks_joined_up_to_the_size_limit():
+    from transformers import BertConfig, BertForSequenceClassification
+    from seqcls.optim import weight_buckets
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=5,
+                                                     num_attention_heads=2, intermediate_size=32))
+    masters = use_bf16_weights(model)
+    block = 4 * 16 * 16 + 2 * 16 * 32  # query, key, value, attention output; the feed-forward pair
+    buckets = weight_buckets(model, list(masters), max_numel=2 * block)
+    names = {p: n for n, p in model.named_parameters()}
+    layer_of = [sorted({names[p].split(".")[3] for p in b if ".layer." in names[p]}) for b in buckets]
+    assert layer_of == [["0", "1"], ["2", "3"], ["4"]]
+    assert {names[p] for p in buckets[-1]} >= {"bert.pooler.dense.weight", "classifier.weight"}
+    assert [sum(p.numel() for p in b) for b in buckets[:2]] == [2 * block] * 2
+    assert [p for b in buckets for p in b] == list(masters)  # every weight once, in the model's order
+    assert len(weight_buckets(model, list(masters), max_numel=1)) == 5 + 2  # a block is never cut

@@ -287,6 +287,9 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, LoRALinear)) and not module.weight.requires_grad:
                 module.weight.data = module.weight.data.to(torch.bfloat16)
+    if cfg.compile.bf16_residual and amp_dtype == torch.bfloat16:
+        from seqcls.models import autocast_layernorms
+        log.info("%d LayerNorms return bf16 under autocast (a bf16 residual stream)", autocast_layernorms(model))
     if cfg.model.fuse_frozen_qkv and cfg.distributed.strategy == "none":  # after the last .to() and dtype change
         from seqcls.models import fuse_frozen_qkv
         if fused := fuse_frozen_qkv(model):
@@ -311,10 +314,11 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     if graphs:  # the update inside a CUDA graph: step counts and the learning rate live on the device
         opt_kwargs.update(capturable=True, lr=torch.tensor(float(cfg.optimizer.lr), device=device))
     if master_weights:
-        from seqcls.optim import MasterWeightAdamW
+        from seqcls.optim import MasterWeightAdamW, weight_buckets
         opt_kwargs.pop("fused")
         hyper = {k: v for k, v in cfg.optimizer.items() if k not in ("_target_", "_partial_")}
         optimizer = MasterWeightAdamW(params, **{**hyper, **opt_kwargs}, masters=masters, compiled=graphs,
+                                      buckets=weight_buckets(model, list(masters)),
                                       decoupled_weight_decay=cfg.optimizer._target_ == "torch.optim.AdamW")
     else:
         optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)

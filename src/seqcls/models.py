@@ -257,3 +257,31 @@ def rand_dropout(model: torch.nn.Module) -> int:
             module.__class__ = RandDropout
             n += 1
     return n
+
+
+class AutocastLayerNorm(torch.nn.LayerNorm):
+    """nn.LayerNorm that, under autocast, reads and writes the autocast dtype (bf16) and normalises in
+    fp32 inside the kernel. Autocast alone runs LayerNorm in fp32 and returns fp32, which makes the whole
+    residual stream between blocks fp32: every dropout + residual + LayerNorm pass then moves twice the
+    bytes. Outside autocast it is nn.LayerNorm. Parameters (and their dtype) are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device_type)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+
+
+def autocast_layernorms(model: torch.nn.Module) -> int:
+    """Make every plain nn.LayerNorm of ``model`` an AutocastLayerNorm (in place: names, parameters and
+    state dict unchanged). Returns how many."""
+    n = 0
+    for module in model.modules():
+        if type(module) is torch.nn.LayerNorm:
+            module.__class__ = AutocastLayerNorm
+            n += 1
+    return n
