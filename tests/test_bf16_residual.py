@@ -81,3 +81,29 @@ def test_a_bf16_run_keeps_the_residual_stream_in_bf16_only_when_asked(tmp_path, 
     assert len(losses) == 3 and all(l == l and l < 5 for l in losses)
     # The class swap leaves names and dtypes alone: the saved model is an ordinary fp32 HF model.
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "LayerNorm" in n)
+
+
+def test_fsdp2_in_one_process_keeps_the_bf16_residual_and_trains_like_unsharded(tmp_path, synthetic_dir,
+                                                                             monkeypatch):
+    import torch.distributed as dist
+
+    import seqcls.models
+    from seqcls.train import run
+    swapped = []
+
+    def recording(model):  # the build's call, on the model as FSDP2 wrapped it
+        swapped.append(autocast_layernorms(model))
+        return swapped[-1]
+
+    monkeypatch.setattr(seqcls.models, "autocast_layernorms", recording)
+    losses = {}
+    for name, extra in (("plain", []), ("fsdp2", ["distributed=fsdp2"])):
+        run_dir = tmp_path / name
+        run(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+            "device=cpu", "precision=bf16", "step_scheduler.max_steps=4", "step_scheduler.log_every_steps=1"] + extra))
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in rows if r["split"] == "train"]
+    assert not dist.is_initialized()
+    assert len(swapped) == 2 and swapped[0] == swapped[1] > 0  # every LayerNorm, sharded or not
+    assert len(losses["fsdp2"]) == 4
+    assert losses["fsdp2"] == pytest.approx(losses["plain"], rel=1e-2)
