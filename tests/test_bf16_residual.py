@@ -79,8 +79,15 @@ def test_a_bf16_run_keeps_the_residual_stream_in_bf16_only_when_asked(tmp_path, 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["split"] == "train"]
     assert len(losses) == 3 and all(l == l and l < 5 for l in losses)
-    # The class swap leaves names and dtypes alone: the saved model is an ordinary fp32 HF model.
-    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "LayerNorm" in n)
+    # The class swap leaves names alone, and the saved model is an ordinary fp32 HF model (with master
+    # weights, the LayerNorms are trained in bf16 with fp32 masters, and the masters are saved).
+    from safetensors.torch import load_file
+    saved = load_file(str(run_dir / "checkpoints" / "step_00000006" / "model" / "model.safetensors"))
+    assert saved.keys() == model.state_dict().keys()
+    norms = {k: v for k, v in saved.items() if "LayerNorm" in k}
+    assert norms and all(v.dtype == torch.float32 for v in norms.values())
+    if flag == "true":  # full-precision masters, not bf16 values written as fp32
+        assert any(not torch.equal(v.bfloat16().float(), v) for v in norms.values())
 
 
 def test_fsdp2_in_one_process_keeps_the_bf16_residual_and_trains_like_unsharded(tmp_path, synthetic_dir,

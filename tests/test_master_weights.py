@@ -32,7 +32,9 @@ def test_master_weights_train_as_fp32_weights_under_autocast(decoupled, max_norm
     ref_opt = cls(ref.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     got = copy.deepcopy(ref)
     masters = use_bf16_weights(got)
-    assert len(masters) == 2 and got[0].weight.dtype == torch.bfloat16 and got[0].bias.dtype == torch.float32
+    # Linear weights and biases (autocast reads both as bf16); a plain LayerNorm, which autocast runs in fp32, stays
+    assert len(masters) == 4 and got[0].weight.dtype == got[0].bias.dtype == torch.bfloat16
+    assert got[1].weight.dtype == torch.float32
     opt = MasterWeightAdamW(got.parameters(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=decoupled,
                             masters=masters)
     gen = torch.Generator().manual_seed(1)
@@ -163,7 +165,7 @@ def test_state_exists_from_construction_so_a_step_graph_warm_up_can_save_and_res
     opt = MasterWeightAdamW(model.parameters(), lr=1e-2, masters=use_bf16_weights(model))
     assert set(opt.state) == set(model.parameters())
     assert torch.equal(opt.state[model[0].weight]["master"], fp32)
-    assert "master" not in opt.state[model[0].bias] and opt.state[model[0].bias]["step"].item() == 0
+    assert "master" not in opt.state[model[1].weight] and opt.state[model[1].weight]["step"].item() == 0
 
 
 def deep_stack(seed=0):
@@ -183,7 +185,7 @@ def test_buckets_hold_parameters_and_state_as_views_of_flat_buffers_and_update_a
     got = MasterWeightAdamW(got_model.parameters(), lr=1e-2, weight_decay=0.1, masters=use_bf16_weights(got_model),
                             buckets=[[got_model[0].weight, got_model[1].weight], [got_model[2].weight]])
     flat = got._buckets[0]
-    assert [len(b.params) for b in flat] == [2, 1, 1]  # the weight no bucket named gets one of its own
+    assert [len(b.params) for b in flat] == [2, 1, 5]  # what no bucket names (the biases, the last weight) forms one more
     first = flat[0]
     base = first.weight.untyped_storage().data_ptr()
     assert got_model[1].weight.untyped_storage().data_ptr() == base
@@ -241,7 +243,8 @@ def test_weight_buckets_are_whole_blocks_joined_up_to_the_size_limit():
     model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=5,
                                                      num_attention_heads=2, intermediate_size=32))
     masters = use_bf16_weights(model)
-    block = 4 * 16 * 16 + 2 * 16 * 32  # query, key, value, attention output; the feed-forward pair
+    block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("bert.encoder.layer.0.") and p in masters)
+    assert block == 4 * (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16)  # Linear weights and biases
     buckets = weight_buckets(model, list(masters), max_numel=2 * block)
     names = {p: n for n, p in model.named_parameters()}
     layer_of = [sorted({names[p].split(".")[3] for p in b if ".layer." in names[p]}) for b in buckets]

@@ -81,20 +81,30 @@ def test_non_divisible_batch_sizes_are_refused(tmp_path, synthetic_dir):
         build_trainer(cfg, tmp_path / "r")
 
 
-def test_bf16_frozen_lora_base_keeps_norms_fp32_and_saves_the_merged_update_in_fp32(tmp_path, synthetic_dir):
-    """With bf16 autocast, frozen Linear weights are stored in bf16 for training; the saved model is
-    fp32 and holds the whole LoRA update (a bf16 merge would round most of it away)."""
-    run_dir = tmp_path / "run"
-    cfg = compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
-        "precision=bf16", "peft=lora", "peft.target_modules=[*.query,*.value]", "step_scheduler.max_steps=3",
-        "optimizer.lr=1e-2"])
-    trainer = build_trainer(cfg, run_dir)
-    params = dict(trainer.model.named_parameters())
-    query = "bert.encoder.layer.0.attention.self.query"
-    assert params[f"{query}.weight"].dtype == torch.bfloat16
-    assert params["bert.embeddings.word_embeddings.weight"].dtype == torch.float32
-    assert params["bert.embeddings.LayerNorm.weight"].dtype == torch.float32
-    trainer.fit()
+def test_bf16_frozen_lora_base_trains_bit_for_bit_as_fp32_and_saves_the_merged_update_in_fp32(tmp_path, synthetic_dir):
+    """With bf16 autocast, what autocast reads only as bf16 (frozen Linear weights and biases, and the
+    LayerNorms of the bf16 residual stream) is stored in bf16 for training: the same training as fp32
+    storage, bit for bit. The saved model is fp32 and holds the whole LoRA update (a bf16 merge would
+    round most of it away)."""
+    losses = {}
+    for flag in ("false", "true"):
+        run_dir = tmp_path / flag
+        cfg = compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+            "precision=bf16", "peft=lora", "peft.target_modules=[*.query,*.value]", "step_scheduler.max_steps=3",
+            "step_scheduler.log_every_steps=1", "optimizer.lr=1e-2", f"compile.bf16_frozen_weights={flag}"])
+        trainer = build_trainer(cfg, run_dir)
+        params = dict(trainer.model.named_parameters())
+        query = "bert.encoder.layer.0.attention.self.query"
+        low = torch.bfloat16 if flag == "true" else torch.float32
+        for name in (f"{query}.weight", f"{query}.bias", "bert.embeddings.LayerNorm.weight",
+                     "bert.encoder.layer.0.output.dense.bias"):
+            assert params[name].dtype == low, name
+        assert params["bert.embeddings.word_embeddings.weight"].dtype == torch.float32  # autocast reads it in fp32
+        assert params[f"{query}.lora_A.weight"].dtype == torch.float32
+        trainer.fit()
+        losses[flag] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                        if json.loads(line)["split"] == "train"]
+    assert len(losses["true"]) == 3 and losses["true"] == losses["false"]
     saved = load_file(run_dir / "checkpoints" / "step_00000003" / "model" / "model.safetensors")
     assert all(v.dtype == torch.float32 for v in saved.values())
     m = trainer.model.get_submodule(query)

@@ -279,17 +279,18 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     if device.type == "cpu" and not compiled:  # compiled code draws its own dropout masks
         from seqcls.models import rand_dropout
         rand_dropout(model)
-    if cfg.peft.enabled and cfg.compile.bf16_frozen_weights and amp_dtype == torch.bfloat16 \
-            and cfg.distributed.strategy == "none":
-        # Autocast runs the Linear matmuls in bf16 anyway: frozen fp32 copies of their weights only cost
-        # memory and bandwidth. Embeddings and LayerNorms, which autocast keeps in fp32, stay fp32.
-        from seqcls.lora import LoRALinear
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, LoRALinear)) and not module.weight.requires_grad:
-                module.weight.data = module.weight.data.to(torch.bfloat16)
     if cfg.compile.bf16_residual and amp_dtype == torch.bfloat16:
         from seqcls.models import autocast_layernorms
         log.info("%d LayerNorms return bf16 under autocast (a bf16 residual stream)", autocast_layernorms(model))
+    if cfg.peft.enabled and cfg.compile.bf16_frozen_weights and amp_dtype == torch.bfloat16 \
+            and cfg.distributed.strategy == "none":
+        # Autocast runs the Linear matmuls (and the LayerNorms above) in bf16 anyway: frozen fp32 copies of
+        # their weights and biases only cost memory, bandwidth and a cast kernel each per step.
+        # Embeddings, which autocast keeps in fp32, stay fp32.
+        from seqcls.models import bf16_read_parameters
+        for p in bf16_read_parameters(model):
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     if cfg.model.fuse_frozen_qkv and cfg.distributed.strategy == "none":  # after the last .to() and dtype change
         from seqcls.models import fuse_frozen_qkv
         if fused := fuse_frozen_qkv(model):

@@ -285,3 +285,17 @@ def autocast_layernorms(model: torch.nn.Module) -> int:
             module.__class__ = AutocastLayerNorm
             n += 1
     return n
+
+
+def bf16_read_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that a forward under bf16 autocast reads only as bf16: weights and biases of Linear
+    layers (autocast casts them for the matmul) and of AutocastLayerNorms. Stored in bf16 they give the
+    same forward and backward, bit for bit, without a cast kernel each step."""
+    from seqcls.lora import LoRALinear
+    seen: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, LoRALinear, AutocastLayerNorm)):
+            for p in (module.weight, module.bias):
+                if p is not None:
+                    seen.setdefault(id(p), p)
+    return list(seen.values())

@@ -267,12 +267,13 @@ def weight_buckets(model: torch.nn.Module, params, max_numel: int = 1 << 25) -> 
 
 
 def use_bf16_weights(model: torch.nn.Module) -> dict[torch.Tensor, torch.Tensor]:
-    """Put the trainable fp32 weights of the model's Linear layers in bf16. Returns bf16 parameter ->
-    the fp32 weight it was rounded from, the masters for MasterWeightAdamW."""
+    """Put the trainable fp32 parameters that autocast reads only as bf16 (Linear weights and biases,
+    AutocastLayerNorm's, seqcls.models.bf16_read_parameters) in bf16. Returns bf16 parameter -> the
+    fp32 tensor it was rounded from, the masters for MasterWeightAdamW."""
+    from seqcls.models import bf16_read_parameters
     masters = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad \
-                and module.weight.dtype == torch.float32:
-            masters[module.weight] = module.weight.detach().clone()
-            module.weight.data = module.weight.data.to(torch.bfloat16)
+    for p in bf16_read_parameters(model):
+        if p.requires_grad and p.dtype == torch.float32:
+            masters[p] = p.detach().clone()
+            p.data = p.data.to(torch.bfloat16)
     return masters
