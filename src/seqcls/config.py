@@ -282,11 +282,13 @@ class CompileConfig:
     length_bucket: int = 8
     """Pad each batch to a multiple of this when compiled: few shapes, few graphs."""
     bf16_frozen_weights: bool = True
-    """Under LoRA on CUDA with bf16, keep the frozen base weights in bf16 (half the memory traffic)."""
+    """Under LoRA with bf16 autocast (one process), keep the frozen parameters that autocast reads only as
+    bf16 in bf16: Linear weights and biases, and the LayerNorms of bf16_residual. The same training bit
+    for bit, half the memory traffic, and no cast kernels each step. Embeddings stay fp32."""
     bf16_master_weights: bool = True
-    """Full fine-tuning with bf16 autocast, one process, AdamW/Adam: keep the Linear weights in bf16 with
-    fp32 masters in the optimizer (seqcls.optim), instead of casting fp32 weights to bf16 every forward
-    and bf16 gradients to fp32 every backward. Same training up to float rounding order; the saved
+    """Full fine-tuning with bf16 autocast, one process, AdamW/Adam: keep the Linear weights and biases
+    (and the LayerNorms of bf16_residual) in bf16 with fp32 masters in the optimizer (seqcls.optim),
+    instead of casting them to bf16 every forward and their gradients to fp32 every backward. Same training up to float rounding order; the saved
     model holds the fp32 masters."""
     bf16_residual: bool = True
     """Under bf16 autocast: LayerNorms read and write bf16 (normalising in fp32 inside the kernel), so the
