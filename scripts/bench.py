@@ -48,6 +48,17 @@ def load_examples(data_dir: Path, tokenizer, max_length: int):
             for i, a, l in zip(enc["input_ids"], enc["attention_mask"], labels)]
 
 
+def host_cpu() -> str:
+    """The host CPU's model and core count: HF Trainer's launch-bound loop runs as fast as this CPU."""
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                     if l.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def flops_per_token(n_params: int, layers: int, hidden: int, mean_len: float, lora: bool) -> float:
     """Training FLOPs per real token: matmuls (6N full, 4N LoRA: no weight gradients for the frozen
     base) plus attention scores and mixing (12 * layers * seq * hidden for forward + backward)."""
@@ -244,7 +255,7 @@ def main():
                     print(f"{impl} {peft} b{batch} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", file=sys.stderr)
                     continue
                 r = json.loads(line[len("BENCH_RESULT "):])
-                r.update(impl=impl, peft=peft, batch=int(batch), wall_s=time.time() - t0)
+                r.update(impl=impl, peft=peft, batch=int(batch), wall_s=time.time() - t0, host_cpu=host_cpu())
                 r["tokens_per_s"] = r["samples_per_s"] * mean_len
                 if args.device in PEAK_FLOPS:
                     fpt = flops_per_token(r["n_params"], r["layers"], r["hidden"], mean_len, peft == "lora")
@@ -261,7 +272,7 @@ def main():
     import transformers
     print(f"\n{args.model} on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}), "
           f"MRPC train, mean real length {mean_len:.1f} tokens; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}\n")
+          f"transformers {transformers.__version__}; host {host_cpu()}\n")
     print("| impl | peft | batch | samples/s | real tokens/s | MFU | peak GiB | vs HF | s/step |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
