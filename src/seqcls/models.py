@@ -249,14 +249,20 @@ class RandDropout(torch.nn.Dropout):
         return x * keep
 
 
-def rand_dropout(model: torch.nn.Module) -> int:
-    """Make every plain nn.Dropout of ``model`` a RandDropout (in place: parameters and names unchanged)."""
+def _swap_class(model: torch.nn.Module, old: type, new: type) -> int:
+    """Make every module of exactly type ``old`` a ``new`` (in place: parameters, names and state dict
+    unchanged). Returns how many."""
     n = 0
     for module in model.modules():
-        if type(module) is torch.nn.Dropout:
-            module.__class__ = RandDropout
+        if type(module) is old:
+            module.__class__ = new
             n += 1
     return n
+
+
+def rand_dropout(model: torch.nn.Module) -> int:
+    """Make every plain nn.Dropout of ``model`` a RandDropout (in place: parameters and names unchanged)."""
+    return _swap_class(model, torch.nn.Dropout, RandDropout)
 
 
 class AutocastLayerNorm(torch.nn.LayerNorm):
@@ -279,12 +285,7 @@ class AutocastLayerNorm(torch.nn.LayerNorm):
 def autocast_layernorms(model: torch.nn.Module) -> int:
     """Make every plain nn.LayerNorm of ``model`` an AutocastLayerNorm (in place: names, parameters and
     state dict unchanged). Returns how many."""
-    n = 0
-    for module in model.modules():
-        if type(module) is torch.nn.LayerNorm:
-            module.__class__ = AutocastLayerNorm
-            n += 1
-    return n
+    return _swap_class(model, torch.nn.LayerNorm, AutocastLayerNorm)
 
 
 def bf16_read_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
