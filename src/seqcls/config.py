@@ -288,8 +288,8 @@ class CompileConfig:
     bf16_master_weights: bool = True
     """Full fine-tuning with bf16 autocast, one process, AdamW/Adam: keep the Linear weights and biases
     (and the LayerNorms of bf16_residual) in bf16 with fp32 masters in the optimizer (seqcls.optim),
-    instead of casting them to bf16 every forward and their gradients to fp32 every backward. Same training up to float rounding order; the saved
-    model holds the fp32 masters."""
+    instead of casting them to bf16 every forward and their gradients to fp32 every backward. Same
+    training up to float rounding order; the saved model holds the fp32 masters."""
     bf16_residual: bool = True
     """Under bf16 autocast: LayerNorms read and write bf16 (normalising in fp32 inside the kernel), so the
     residual stream between blocks is bf16 rather than fp32, as in a model loaded in bf16. Halves the

@@ -1,18 +1,20 @@
 """AdamW over bf16 working weights with fp32 master copies (full fine-tuning under bf16 autocast).
 
-Under autocast every bf16 matmul reads a bf16 copy of its fp32 weight: each step casts every Linear
-weight fp32 -> bf16 in the forward and every weight gradient bf16 -> fp32 in the backward, and the
-update then reads and writes fp32 weights and gradients. Keeping the Linear weights themselves in
-bf16 removes both casts, and the update reads bf16 gradients. The fp32 masters live in the optimizer
-state (``state[p]["master"]``), are updated as AdamW updates an fp32 weight, and are rounded into the
-bf16 weight in the same kernel. The forward and backward see exactly what autocast gave them before
-(the bf16 rounding of the fp32 weight), so training is the same up to the order of float operations.
+Under autocast every bf16 matmul reads a bf16 copy of its fp32 weight and bias: each step casts them
+fp32 -> bf16 in the forward and their gradients bf16 -> fp32 in the backward, and the update then
+reads and writes fp32 weights and gradients. Keeping the parameters that autocast reads only as bf16
+(Linear weights and biases, the LayerNorms of the bf16 residual stream: use_bf16_weights) in bf16
+removes both casts, and the update reads bf16 gradients. The fp32 masters live in the optimizer state
+(``state[p]["master"]``), are updated as AdamW updates an fp32 weight, and are rounded into the bf16
+weight in the same kernel. The forward and backward see exactly what autocast gave them before (the
+bf16 rounding of the fp32 weight), so training is the same up to the order of float operations.
 
 The bf16 parameters are grouped into buckets (whole transformer blocks, weight_buckets) whose
 weights, masters and moments lie in flat buffers: a bucket's gradients are copied end to end and one
-kernel updates the whole bucket. Parameters that are not bf16 (embeddings, LayerNorms, biases) have no
-master and take the fused AdamW update. ``grad_scale`` (set by ``seqcls.trainer.clip_and_update``)
-divides every gradient in the update, as it does for torch's fused AdamW.
+kernel updates the whole bucket. Parameters that are not bf16 (embeddings, LayerNorms that autocast
+runs in fp32) have no master and take the fused AdamW update. ``grad_scale`` (set by
+``seqcls.trainer.clip_and_update``) divides every gradient in the update, as it does for torch's
+fused AdamW.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ class _FlatBucket:
     """The bf16 parameters of one bucket, with their weights, masters and moments laid end to end in
     flat buffers: one update kernel for the bucket rather than one a tensor (on an H200, roberta-large's
     146 per-tensor kernels took 3.67 ms a step at 2.35 TB/s; buckets of two blocks take 2.06 ms at
-    4.1 TB/s, plus 0.44 ms to copy the gradients end to end, docs/benchmarks.md). Each parameter's ``.data`` and each state entry are views of those
-    buffers, so state dicts, checkpoints and the step graphs' snapshots see ordinary per-tensor state."""
+    4.1 TB/s, plus 0.44 ms to copy the gradients end to end, docs/benchmarks.md). Each parameter's
+    ``.data`` and each state entry are views of those buffers, so state dicts, checkpoints and the step
+    graphs' snapshots see ordinary per-tensor state."""
 
     def __init__(self, params: list[torch.Tensor], masters: list[Optional[torch.Tensor]], state) -> None:
         self.params = params
