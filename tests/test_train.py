@@ -91,7 +91,8 @@ def test_bf16_frozen_lora_base_trains_bit_for_bit_as_fp32_and_saves_the_merged_u
         run_dir = tmp_path / flag
         cfg = compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
             "precision=bf16", "peft=lora", "peft.target_modules=[*.query,*.value]", "step_scheduler.max_steps=3",
-            "step_scheduler.log_every_steps=1", "optimizer.lr=1e-2", f"compile.bf16_frozen_weights={flag}"])
+            "step_scheduler.log_every_steps=1", "optimizer.lr=1e-2", f"compile.bf16_frozen_weights={flag}",
+            "compile.bf16_master_weights=false"])  # the adapters stay fp32 here (test_master_weights.py: bf16)
         trainer = build_trainer(cfg, run_dir)
         params = dict(trainer.model.named_parameters())
         query = "bert.encoder.layer.0.attention.self.query"

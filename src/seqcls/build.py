@@ -296,14 +296,17 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         if fused := fuse_frozen_qkv(model):
             log.info("query/key/value computed by one matrix multiply in %d attention blocks", fused)
     # MasterWeightAdamW takes AdamW's and Adam's usual hyperparameters, not amsgrad, foreach and the like.
-    master_weights = (not cfg.peft.enabled and cfg.compile.bf16_master_weights and amp_dtype == torch.bfloat16
+    # Under LoRA the trainable Linears are the adapters and the head: ~100 small tensors whose casts would
+    # be ~200 kernels a step.
+    master_weights = (cfg.compile.bf16_master_weights and amp_dtype == torch.bfloat16
                       and cfg.distributed.strategy == "none" and cfg.optimizer._target_ in ADAM_TARGETS
                       and set(cfg.optimizer) <= {"_target_", "_partial_", "lr", "betas", "eps", "weight_decay"})
     masters = None
     if master_weights:  # before the optimizer, which takes the fp32 weights as its masters
         from seqcls.optim import use_bf16_weights
         masters = use_bf16_weights(model)
-        log.info("%d Linear weights trained in bf16 with fp32 masters in the optimizer", len(masters))
+        log.info("%d trainable Linear/LayerNorm tensors trained in bf16 with fp32 masters in the optimizer",
+                 len(masters))
     params = [p for p in model.parameters() if p.requires_grad]
     opt_kwargs = {}
     if cfg.optimizer._target_ in ADAM_TARGETS and cfg.distributed.strategy == "none":

@@ -286,10 +286,11 @@ class CompileConfig:
     bf16 in bf16: Linear weights and biases, and the LayerNorms of bf16_residual. The same training bit
     for bit, half the memory traffic, and no cast kernels each step. Embeddings stay fp32."""
     bf16_master_weights: bool = True
-    """Full fine-tuning with bf16 autocast, one process, AdamW/Adam: keep the Linear weights and biases
+    """Training with bf16 autocast, one process, AdamW/Adam: keep the trainable Linear weights and biases
     (and the LayerNorms of bf16_residual) in bf16 with fp32 masters in the optimizer (seqcls.optim),
-    instead of casting them to bf16 every forward and their gradients to fp32 every backward. Same
-    training up to float rounding order; the saved model holds the fp32 masters."""
+    instead of casting them to bf16 every forward and their gradients to fp32 every backward. Full
+    fine-tuning: the whole model but the embeddings; LoRA: the adapters and the head. Same training up to
+    float rounding order; the saved model and adapter hold the fp32 masters."""
     bf16_residual: bool = True
     """Under bf16 autocast: LayerNorms read and write bf16 (normalising in fp32 inside the kernel), so the
     residual stream between blocks is bf16 rather than fp32, as in a model loaded in bf16. Halves the

@@ -1,4 +1,4 @@
-"""AdamW over bf16 working weights with fp32 master copies (full fine-tuning under bf16 autocast).
+"""AdamW over bf16 working weights with fp32 master copies (training under bf16 autocast).
 
 Under autocast every bf16 matmul reads a bf16 copy of its fp32 weight and bias: each step casts them
 fp32 -> bf16 in the forward and their gradients bf16 -> fp32 in the backward, and the update then
