@@ -175,3 +175,47 @@ def test_compiled_master_weight_update_matches_eager_and_replays_in_a_cuda_graph
             assert torch.allclose(state[key], ref_state[key], rtol=1e-5, atol=1e-7), key
         if "master" in state:
             assert torch.equal(g, state["master"].to(torch.bfloat16))
+
+
+def test_short_attention_kernel_in_bf16_matches_fp32_sdpa_and_draws_new_dropout_in_each_graph_replay():
+    import torch.nn.functional as F
+    from seqcls.attention import short_attention
+    b, h, length, d = 8, 4, 56, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, length, h * d, device="cuda", generator=gen, dtype=torch.bfloat16)
+               .view(b, length, h, d).transpose(1, 2).requires_grad_() for _ in range(3))
+    mask = (torch.arange(length, device="cuda")[None, :] < torch.randint(20, length + 1, (b, 1), device="cuda"))
+    mask = mask[:, None, None, :].expand(b, 1, length, length)
+    layer = torch.nn.Module().eval()
+    out, _ = short_attention(layer, q, k, v, mask)
+    ref = F.scaled_dot_product_attention(*(x.float() for x in (q, k, v)), attn_mask=mask).transpose(1, 2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.float())
+    for name, a, w in zip("qkv", got, want):
+        err = (a.float() - w).norm() / w.norm()
+        assert err < 2e-2, (name, err)
+    # Under a CUDA graph each replay draws a new dropout mask (the seed is drawn on the device).
+    layer.train()
+    static = [x.detach() for x in (q, k, v)]
+    short_attention(layer, *static, mask, dropout=0.1)  # compiles the dropout variant outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dropped = short_attention(layer, *static, mask, dropout=0.1)[0]
+    graph.replay()
+    first = dropped.clone()
+    graph.replay()
+    assert not torch.equal(first, dropped)
+    assert (first - dropped).abs().max() < 10  # both finite attention outputs, not garbage
+
+
+def test_step_graphs_train_with_the_short_attention_kernel_as_with_sdpa(data, tmp_path):
+    extra = NO_DROPOUT + ONE_MICRO_BATCH + ["compile.enabled=true", "checkpoint.enabled=false"]
+    short, s_loss, _ = train(data, tmp_path / "s", extra + ["model.attn_implementation=seqcls_short"])
+    _, r_loss, _ = train(data, tmp_path / "r", extra)
+    assert short.step_graphs is not None and short.model.config._attn_implementation == "seqcls_short"
+    assert list(s_loss) == list(range(1, 13))
+    for step in s_loss:
+        assert s_loss[step] == pytest.approx(r_loss[step], rel=2e-2, abs=2e-3), step
