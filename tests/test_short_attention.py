@@ -29,10 +29,13 @@ class Layer(torch.nn.Module):
     pass
 
 
-@pytest.mark.parametrize("length,d", [(24, 16), (16, 32)])  # 24: a block of 32 with 8 rows outside
-def test_forward_and_backward_equal_sdpa_without_dropout(length, d):
+@pytest.mark.parametrize("length,d,kind", [(24, 16, "padding"), (16, 32, "padding"), (100, 64, "padding"),
+                                           (24, 16, "per-query")])  # 24: a block of 32, 8 rows outside it
+def test_forward_and_backward_equal_sdpa_without_dropout(length, d, kind):
     b, h = 3, 2
     mask = padding_mask(b, length, [length, length - 5, 7])
+    if kind == "per-query":  # each query row its own keys (causal here): the kernel reads the mask row by row
+        mask = mask & torch.ones(length, length, dtype=torch.bool, device=DEVICE).tril()
     q, k, v = hf_layout(b, h, length, d, seed=0)
     out, _ = short_attention(Layer().eval(), q, k, v, mask, dropout=0.1, scaling=0.3)
     assert out.shape == (b, length, h, d)
