@@ -108,7 +108,8 @@ def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_p
         [r["lr"] for r in erows if r["split"] == "train"], rel=1e-6)
 
 
-@pytest.mark.parametrize("micro", [[], ONE_MICRO_BATCH], ids=["accumulate", "one-graph"])
+@pytest.mark.parametrize("micro", [[], ONE_MICRO_BATCH, ONE_MICRO_BATCH + ["peft=lora", "optimizer.lr=5e-3"]],
+                         ids=["accumulate", "one-graph", "lora-one-graph"])  # LoRA: bf16 adapters, fp32 masters
 def test_step_graphs_resume_with_the_same_dropout_and_optimizer_state(data, tmp_path, micro):
     extra = ["compile.enabled=true", "step_scheduler.ckpt_every_steps=100"] + micro
     _, ref_loss, ref_par = train(data, tmp_path / "ref", extra)
