@@ -8,7 +8,8 @@ backward recomputes the probabilities from the saved log-sum-exp and regenerates
 the saved seed, in one kernel that writes dq, dk and dv.
 
 Same signature as Hugging Face's attention kernels (AttentionInterface), with sdpa's boolean mask
-(True: attend). Longer sequences, a query length other than the key length, or a non-boolean mask go to
+(True: attend); a row with no key to attend to gives zeros. CPU tensors (unless Triton's interpreter is on),
+longer sequences, a query length other than the key length, or a non-boolean mask go to
 ``F.scaled_dot_product_attention``. Outputs are written in (batch, length, heads, dim) order, the order
 HF reshapes them to next, and gradients in the order of the projections that made q, k and v.
 """
