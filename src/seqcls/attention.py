@@ -47,6 +47,12 @@ def _keep_mask(seed_ptr, bh, rows, cols, p_drop, BL: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, b, h, sb, sh, sl, rows, dims, inside):
+    """One (sequence, head)'s (BL, D) rows of a (batch, heads, length, dim)-strided tensor; zeros past its end."""
+    return tl.load(ptr + b * sb + h * sh + rows[:, None] * sl + dims[None, :], mask=inside, other=0.0)
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr, seed_ptr,
                 sqb, sqh, sql, skb, skh, skl, svb, svh, svl, smb, smh, smq, smk, sob, soh, sol,
                 H, L, scale, p_drop,
@@ -56,9 +62,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, lse_ptr, seed_ptr,
     b, h = bh // H, bh % H
     rows, dims = tl.arange(0, BL), tl.arange(0, D)
     inside = (rows < L)[:, None]
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :], mask=inside, other=0.0)
-    k = tl.load(k_ptr + b * skb + h * skh + rows[:, None] * skl + dims[None, :], mask=inside, other=0.0)
-    v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svl + dims[None, :], mask=inside, other=0.0)
+    q = _tile(q_ptr, b, h, sqb, sqh, sql, rows, dims, inside)
+    k = _tile(k_ptr, b, h, skb, skh, skl, rows, dims, inside)
+    v = _tile(v_ptr, b, h, svb, svh, svl, rows, dims, inside)
     s = _scores(q, k, b, h, m_ptr, smb, smh, smq, smk, rows, rows, L, scale, HAS_MASK, PREC)
     top = tl.max(s, 1)
     top = tl.where(top == float("-inf"), 0.0, top)  # a row with no key to attend to: all zeros
@@ -84,10 +90,10 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, m_ptr, do_ptr, lse_ptr, seed_ptr, dq_ptr, d
     b, h = bh // H, bh % H
     rows, dims = tl.arange(0, BL), tl.arange(0, D)
     inside = (rows < L)[:, None]
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :], mask=inside, other=0.0)
-    k = tl.load(k_ptr + b * skb + h * skh + rows[:, None] * skl + dims[None, :], mask=inside, other=0.0)
-    v = tl.load(v_ptr + b * svb + h * svh + rows[:, None] * svl + dims[None, :], mask=inside, other=0.0)
-    do = tl.load(do_ptr + b * sob + h * soh + rows[:, None] * sol + dims[None, :], mask=inside, other=0.0)
+    q = _tile(q_ptr, b, h, sqb, sqh, sql, rows, dims, inside)
+    k = _tile(k_ptr, b, h, skb, skh, skl, rows, dims, inside)
+    v = _tile(v_ptr, b, h, svb, svh, svl, rows, dims, inside)
+    do = _tile(do_ptr, b, h, sob, soh, sol, rows, dims, inside)
     s = _scores(q, k, b, h, m_ptr, smb, smh, smq, smk, rows, rows, L, scale, HAS_MASK, PREC)
     lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=0.0)
     p = tl.exp(s - lse[:, None])  # the forward's probabilities; masked entries exp(-inf) = 0
