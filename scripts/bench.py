@@ -93,8 +93,6 @@ def run_seqcls(args, out: Path) -> dict:
             ov += ["peft.dropout=0.0"]
     if args.impl == "seqcls_eager":
         ov += ["compile.enabled=false"]
-    if args.impl == "seqcls_short":  # seqcls.attention's Triton kernel for short sequences
-        ov += ["model.attn_implementation=seqcls_short"]
     if args.impl == "seqcls_ro":  # torch.compile's own CUDA graphs per compiled graph, no step graphs
         ov += ["compile.mode=reduce-overhead", "compile.cuda_graphs=none"]
     ov += list(args.seqcls_override)
@@ -206,7 +204,7 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--model", default="roberta_large", choices=["roberta_large", "minilm"])
     ap.add_argument("--peft", default="lora,none", help="comma list of lora, none")
-    ap.add_argument("--impl", default="seqcls,seqcls_eager,hf", help="comma list of seqcls, seqcls_eager, seqcls_short, seqcls_ro, seqcls_nogroup, hf")
+    ap.add_argument("--impl", default="seqcls,seqcls_eager,hf", help="comma list of seqcls, seqcls_eager, seqcls_ro, seqcls_nogroup, hf")
     ap.add_argument("--batch", default="32", help="comma list of batch sizes")
     ap.add_argument("--steps", type=int, default=60, help="timed steps")
     ap.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, CUDA graphs)")

@@ -18,8 +18,6 @@ import seqcls  # noqa: F401
 from seqcls.train import CONF_DIR
 
 torch.set_num_threads(1)
-if not torch.cuda.is_available():  # seqcls.attention's Triton kernels run on CPU tensors in Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

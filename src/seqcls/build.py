@@ -275,9 +275,6 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     else:
         model.to(device)
     amp_dtype = autocast_dtype(cfg.precision, device)
-    if cfg.model.attn_implementation == "seqcls_short" and device.type != "cuda":
-        log.info("model.attn_implementation=seqcls_short runs its Triton kernel on CUDA; on %s attention goes "
-                 "through sdpa (same results)", device.type)
     compiled = use_compile(cfg, device)
     if device.type == "cpu" and not compiled:  # compiled code draws its own dropout masks
         from seqcls.models import rand_dropout

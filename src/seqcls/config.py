@@ -68,10 +68,9 @@ class ModelConfig:
     """BERT-family encoders (bert, roberta, xlm-roberta, electra, camembert), whose head reads the first
     token only: compute the last layer for that token alone (same logits, less arithmetic)."""
     attn_implementation: Optional[str] = None
-    """Hugging Face's attention kernel: null (HF's default, sdpa), sdpa, eager, seqcls_short, or another that
-    HF knows (flash_attention_2 needs its package). seqcls_short is seqcls.attention's Triton kernel for
-    sequences of up to 128 tokens (GPU; longer ones go to sdpa); not yet measured on a GPU, so not the
-    default. Under CUDA graphs, eager leaves the graphs out (its mask is built with a host-to-GPU copy)."""
+    """Hugging Face's attention kernel: null (HF's default, sdpa), sdpa, eager, or another that HF knows
+    (flash_attention_2 needs its package). Under CUDA graphs, eager leaves the graphs out (its mask is
+    built with a host-to-GPU copy)."""
     fuse_frozen_qkv: bool = False
     """The same encoders, where query/key/value weights are frozen (LoRA on attention, or a frozen
     base): one matrix multiply for all three instead of three (same values; LoRA terms still added)."""

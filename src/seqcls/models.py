@@ -95,13 +95,6 @@ def from_config(model_type: str, *, num_labels: int, labels: Optional[list[str]]
 
 
 def _attn_kwargs(attn_implementation: Optional[str]) -> dict:
-    if attn_implementation == "seqcls_short":  # seqcls's own kernel (seqcls.attention), registered with HF
-        try:
-            from seqcls.attention import register
-        except ImportError as e:
-            raise ConfigError(f"model.attn_implementation=seqcls_short needs triton ({e}); "
-                              f"pip install triton, or leave the field unset for sdpa") from None
-        register()
     return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
 
 
@@ -136,14 +129,13 @@ FIRST_TOKEN_HEADS = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
 
 def _encoder_layers(model: PreTrainedModel):
-    """The BERT-style encoder layers of a FIRST_TOKEN_HEADS model with sdpa/eager/seqcls_short attention, else
-    None (the last layer's one-query attention runs through sdpa for seqcls_short)."""
+    """The BERT-style encoder layers of a FIRST_TOKEN_HEADS model with sdpa/eager attention, else None."""
     config = model.config
     base = getattr(model, model.base_model_prefix, None)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if (config.model_type not in FIRST_TOKEN_HEADS or not layers or config.is_decoder
             or getattr(config, "add_cross_attention", False)
-            or getattr(config, "_attn_implementation", "eager") not in ("sdpa", "eager", "seqcls_short")):
+            or getattr(config, "_attn_implementation", "eager") not in ("sdpa", "eager")):
         return None
     return layers
 
