@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from seqcls.build import build_trainer
-from seqcls.models import first_token_last_layer, from_config, fuse_frozen_qkv
+from seqcls.lora import LoRALinear, inject_lora
+from seqcls.models import first_token_last_layer, from_config, fuse_frozen_qkv, merged_lora_deltas
 from tests.conftest import compose_cfg, synthetic_overrides
 from tests.test_first_token import SMALL, assert_same_logits_and_gradients, batch, small_model
 
@@ -24,12 +25,13 @@ def frozen_base(model_type, attn, lora):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("first_token", [False, True])
-def test_same_logits_gradients_and_state_dict_as_three_projections(model_type, attn, lora, first_token):
+@pytest.mark.parametrize("merge", [False, True])
+def test_same_logits_gradients_and_state_dict_as_three_projections(model_type, attn, lora, first_token, merge):
     plain = frozen_base(model_type, attn, lora)
     if first_token:
         assert first_token_last_layer(plain)
     fused = copy.deepcopy(plain)
-    assert fuse_frozen_qkv(fused) == (2 if first_token else 3)  # the first-token last layer keeps its own
+    assert fuse_frozen_qkv(fused, merge_adapters=merge) == (2 if first_token else 3)  # the first-token last layer keeps its own
     before = plain.state_dict()
     after = fused.state_dict()
     assert after.keys() == before.keys()
@@ -39,9 +41,72 @@ def test_same_logits_gradients_and_state_dict_as_three_projections(model_type, a
     weight = attn0.fused_qkv[0]
     rows = attn0.query.weight.numel() * weight.element_size()  # the parameters are views of the fused rows
     assert [m.weight.data_ptr() - weight.data_ptr() for m in (attn0.query, attn0.key, attn0.value)] == [0, rows, 2 * rows]
+    assert attn0.fused_qkv[3] == (merge and lora)  # two adapters (query, value) to merge, or none
 
     inputs, labels = batch()
     assert_same_logits_and_gradients(fused, plain, inputs, labels)
+
+
+def merged_block(dropout, targets=("query", "value")):
+    """A BERT self-attention block with fused, merged LoRA adapters (B non-zero), and a batch of rows."""
+    model = small_model("bert", "sdpa", False, num_hidden_layers=1)
+    inject_lora(model, target_modules=[f"*.{t}" for t in targets], dim=4, alpha=8, dropout=dropout)
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    assert fuse_frozen_qkv(model, merge_adapters=True) == 1
+    attn = model.bert.encoder.layer[0].attention.self
+    return attn, torch.randn(20, 32)
+
+
+def test_merged_adapters_share_one_dropout_mask_and_give_each_its_own_term():
+    attn, rows = merged_block(dropout=0.5)
+    attn.train()
+    _, _, adapters, merged = attn.fused_qkv
+    assert merged
+    query, value = attn.query, attn.value
+    torch.manual_seed(1)
+    deltas = merged_lora_deltas(rows, adapters)
+    assert deltas[1] is None  # key has no adapter
+    torch.manual_seed(1)
+    dropped = query.lora_dropout(rows)  # the one mask the merged path draws
+    assert 0 < (dropped == 0).float().mean() < 1
+    for delta, adapter in ((deltas[0], query), (deltas[2], value)):
+        expected = adapter.lora_B(adapter.lora_A(dropped) * adapter.scale)
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
+    # Each adapter alone draws its own masks: the query term then differs from the merged one.
+    torch.manual_seed(1)
+    query.lora_delta(rows)
+    alone_value = value.lora_delta(rows)
+    assert not torch.allclose(alone_value, deltas[2])
+
+
+def test_merged_adapters_gradients_equal_separate_adapters_without_dropout():
+    attn, rows = merged_block(dropout=0.0, targets=("query", "key", "value"))
+    _, _, adapters, merged = attn.fused_qkv
+    assert merged
+    rows.requires_grad_(True)
+    params = [p for a in adapters for p in (a.lora_A.weight, a.lora_B.weight)]
+    weights = torch.randn(3, 20, 32)
+    got = torch.autograd.grad(sum((d * w).sum() for d, w in zip(merged_lora_deltas(rows, adapters), weights)),
+                              params + [rows])
+    want = torch.autograd.grad(sum((a.lora_delta(rows) * w).sum() for a, w in zip(adapters, weights)), params + [rows])
+    for g, w in zip(got, want):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_of_different_rank_are_not_merged():
+    model = small_model("bert", "sdpa", False, num_hidden_layers=1)
+    inject_lora(model, target_modules=["*.query"], dim=4, alpha=8, dropout=0.1)
+    inject_lora_one = LoRALinear.from_linear(model.bert.encoder.layer[0].attention.self.value, dim=2, alpha=8,
+                                             dropout=0.1)
+    model.bert.encoder.layer[0].attention.self.value = inject_lora_one
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    assert fuse_frozen_qkv(model, merge_adapters=True) == 1
+    assert model.bert.encoder.layer[0].attention.self.fused_qkv[3] is False
 
 
 def test_trainable_projections_are_left_alone():
@@ -61,8 +126,15 @@ def test_a_lora_run_with_fused_projections_trains_and_saves_as_without(tmp_path,
         rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return trainer, [r["loss"] for r in rows if r["split"] == "train"]
 
-    fused, fused_losses = run("fused", ["model.fuse_frozen_qkv=true"])
-    plain, plain_losses = run("plain", [])
+    fused, fused_losses = run("fused", ["model.fuse_frozen_qkv=true", "peft.merge_qkv=false"])
+    plain, plain_losses = run("plain", ["model.fuse_frozen_qkv=false"])
+    merged, merged_losses = run("merged", [])  # the default: fused and merged
+    assert merged.model.bert.encoder.layer[0].attention.self.fused_qkv[3]
+    assert not fused.model.bert.encoder.layer[0].attention.self.fused_qkv[3]
+    # One mask for the three adapters instead of three: other draws, the same kind of training.
+    assert len(merged_losses) == 6 and merged_losses != pytest.approx(plain_losses, rel=1e-4)
+    assert merged_losses == pytest.approx(plain_losses, rel=0.05)
+    assert merged.model.state_dict().keys() == plain.model.state_dict().keys()
     assert "fused_qkv" in vars(fused.model.bert.encoder.layer[0].attention.self)
     assert "fused_qkv" not in vars(plain.model.bert.encoder.layer[0].attention.self)
     assert len(fused_losses) == 6 and fused_losses == pytest.approx(plain_losses, rel=1e-4)

@@ -293,7 +293,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
                 p.data = p.data.to(torch.bfloat16)
     if cfg.model.fuse_frozen_qkv and cfg.distributed.strategy == "none":  # after the last .to() and dtype change
         from seqcls.models import fuse_frozen_qkv
-        if fused := fuse_frozen_qkv(model):
+        if fused := fuse_frozen_qkv(model, merge_adapters=cfg.peft.enabled and cfg.peft.merge_qkv):
             log.info("query/key/value computed by one matrix multiply in %d attention blocks", fused)
     # MasterWeightAdamW takes AdamW's and Adam's usual hyperparameters, not amsgrad, foreach and the like.
     # Under LoRA the trainable Linears are the adapters and the head: for roberta-large ~100 small tensors,

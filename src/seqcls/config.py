@@ -71,9 +71,10 @@ class ModelConfig:
     """Hugging Face's attention kernel: null (HF's default, sdpa), sdpa, eager, or another that HF knows
     (flash_attention_2 needs its package). Under CUDA graphs, eager leaves the graphs out (its mask is
     built with a host-to-GPU copy)."""
-    fuse_frozen_qkv: bool = False
+    fuse_frozen_qkv: bool = True
     """The same encoders, where query/key/value weights are frozen (LoRA on attention, or a frozen
-    base): one matrix multiply for all three instead of three (same values; LoRA terms still added)."""
+    base), one process: one matrix multiply for all three instead of three (same values; LoRA terms
+    still added, their adapters merged per peft.merge_qkv)."""
 
     def __post_init__(self) -> None:
         _check(self.num_labels >= 1, f"model.num_labels must be >= 1, got {self.num_labels}")
@@ -171,6 +172,10 @@ class PeftConfig:
     alpha: float = 16
     dropout: float = 0.0
     modules_to_save: list[str] = field(default_factory=lambda: ["classifier", "score"])
+    merge_qkv: bool = True
+    """Where query/key/value are one matmul (model.fuse_frozen_qkv), their adapters share one input
+    dropout mask and one A matmul, as the original LoRA code's MergedLinear (fewer kernels); false: each
+    adapter draws its own mask, as peft does. Without dropout the two give the same values."""
 
     def __post_init__(self) -> None:
         _check(self.dim > 0, f"peft.dim must be > 0, got {self.dim}")

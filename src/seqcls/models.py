@@ -186,14 +186,15 @@ def _attend(attn, query, key, value, attention_mask):
     return context.transpose(1, 2)
 
 
-def fuse_frozen_qkv(model: PreTrainedModel) -> int:
+def fuse_frozen_qkv(model: PreTrainedModel, *, merge_adapters: bool = False) -> int:
     """Compute query, key and value with one matrix multiply where their weights and biases are frozen.
 
     The three weights (and biases) are moved into one tensor and each Parameter becomes a view of its
     rows: the same Parameter objects, names, values and memory, so state dicts, checkpoints and the
-    optimizer see no change. LoRA adapters on query/key/value still add their own term. Call it after
-    the model has its final device and dtype (``.to()`` replaces a Parameter's data and undoes the
-    views). Returns the number of attention blocks fused.
+    optimizer see no change. LoRA adapters on query/key/value still add their own term; with
+    ``merge_adapters`` (see ``merged_lora_deltas``) those of one block share one dropout mask and one
+    A matmul. Call it after the model has its final device and dtype (``.to()`` replaces a Parameter's
+    data and undoes the views). Returns the number of attention blocks fused.
     """
     from seqcls.lora import LoRALinear
     layers = _encoder_layers(model)
@@ -214,8 +215,9 @@ def fuse_frozen_qkv(model: PreTrainedModel) -> int:
         for i, m in enumerate(mods):
             m.weight.data = weight[i * rows:(i + 1) * rows]
             m.bias.data = bias[i * rows:(i + 1) * rows]
-        # Which of the three carry a LoRA term: decided here, not on every forward.
-        attn.fused_qkv = (weight, bias, tuple(m if isinstance(m, LoRALinear) else None for m in mods))
+        # Which of the three carry a LoRA term, and whether theirs merge: decided here, not on every forward.
+        adapters = tuple(m if isinstance(m, LoRALinear) else None for m in mods)
+        attn.fused_qkv = (weight, bias, adapters, merge_adapters and mergeable(adapters))
         attn.forward = types.MethodType(_fused_qkv_forward, attn)
         n += 1
     return n
@@ -226,14 +228,35 @@ def _fused_qkv_forward(attn, hidden_states, attention_mask=None, *args, **kwargs
         return type(attn).forward(attn, hidden_states, attention_mask, *args, **kwargs)
     input_shape = hidden_states.shape[:-1]
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-    weight, bias, adapters = attn.fused_qkv
+    weight, bias, adapters, merged = attn.fused_qkv
+    deltas = merged_lora_deltas(rows, adapters) if merged else [a and a.lora_delta(rows) for a in adapters]
     heads = []
-    for part, adapter in zip(F.linear(rows, weight, bias).chunk(3, dim=-1), adapters):
-        if adapter is not None:
-            part = part + adapter.lora_delta(rows)
+    for part, delta in zip(F.linear(rows, weight, bias).chunk(3, dim=-1), deltas):
+        if delta is not None:
+            part = part + delta
         heads.append(part.reshape(*input_shape, -1, attn.attention_head_size).transpose(1, 2))
     context = _attend(attn, *heads, attention_mask)
     return context.reshape(*input_shape, -1), None
+
+
+def mergeable(adapters) -> bool:
+    """Two or more LoRA adapters with one rank, scale and dropout rate (one peft config gives them that)."""
+    present = [a for a in adapters if a is not None]
+    return len(present) > 1 and len({(a.dim, a.scale, getattr(a.lora_dropout, "p", 0.0),
+                                      a.lora_A.weight.dtype) for a in present}) == 1
+
+
+def merged_lora_deltas(rows: torch.Tensor, adapters) -> list[Optional[torch.Tensor]]:
+    """The LoRA terms of adapters that read the same input, as loralib's MergedLinear computes them for
+    a fused query/key/value: one dropout mask for all, one matmul with their A matrices stacked, then
+    each adapter's B on its slice. Each term is (alpha / dim) * B(A(dropout(x))) as alone, but the
+    adapters see the same dropped input (peft draws a mask per adapter). Costs one dropout and one A
+    matmul forward, and one each of the input's and the A's gradient matmuls backward, for all of them."""
+    present = [a for a in adapters if a is not None]
+    first = present[0]
+    u = F.linear(first.lora_dropout(rows), torch.cat([a.lora_A.weight for a in present])) * first.scale
+    slices = iter(u.split(first.dim, dim=-1))
+    return [None if a is None else F.linear(next(slices), a.lora_B.weight) for a in adapters]
 
 
 class RandDropout(torch.nn.Dropout):
