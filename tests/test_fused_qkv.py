@@ -9,7 +9,7 @@ import torch
 
 from seqcls.build import build_trainer
 from seqcls.lora import LoRALinear, inject_lora
-from seqcls.models import first_token_last_layer, from_config, fuse_frozen_qkv, merged_lora_deltas
+from seqcls.models import first_token_last_layer, from_config, fuse_frozen_qkv, add_merged_lora
 from tests.conftest import compose_cfg, synthetic_overrides
 from tests.test_first_token import SMALL, assert_same_logits_and_gradients, batch, small_model
 
@@ -60,6 +60,12 @@ def merged_block(dropout, targets=("query", "value")):
     return attn, torch.randn(20, 32)
 
 
+def merged_terms(rows, adapters):
+    """The three LoRA terms (query, key, value) that add_merged_lora adds onto a zero qkv."""
+    out = adapters[0].out_features
+    return add_merged_lora(torch.zeros(rows.shape[0], 3 * out), rows, adapters).split(out, dim=-1)
+
+
 def test_merged_adapters_share_one_dropout_mask_and_give_each_its_own_term():
     attn, rows = merged_block(dropout=0.5)
     attn.train()
@@ -67,19 +73,20 @@ def test_merged_adapters_share_one_dropout_mask_and_give_each_its_own_term():
     assert merged
     query, value = attn.query, attn.value
     torch.manual_seed(1)
-    deltas = merged_lora_deltas(rows, adapters)
-    assert deltas[1] is None  # key has no adapter
+    terms = merged_terms(rows, adapters)
+    assert torch.equal(terms[1], torch.zeros_like(terms[1]))  # key has no adapter
     torch.manual_seed(1)
     dropped = query.lora_dropout(rows)  # the one mask the merged path draws
     assert 0 < (dropped == 0).float().mean() < 1
-    for delta, adapter in ((deltas[0], query), (deltas[2], value)):
+    for term, adapter in ((terms[0], query), (terms[2], value)):
         expected = adapter.lora_B(adapter.lora_A(dropped) * adapter.scale)
-        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
-    # Each adapter alone draws its own masks: the query term then differs from the merged one.
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(term, expected, rtol=1e-5, atol=1e-6)
+    # Each adapter alone draws its own masks: the value term then differs from the merged one.
     torch.manual_seed(1)
     query.lora_delta(rows)
     alone_value = value.lora_delta(rows)
-    assert not torch.allclose(alone_value, deltas[2])
+    assert not torch.allclose(alone_value, terms[2])
 
 
 def test_merged_adapters_gradients_equal_separate_adapters_without_dropout():
@@ -89,7 +96,7 @@ def test_merged_adapters_gradients_equal_separate_adapters_without_dropout():
     rows.requires_grad_(True)
     params = [p for a in adapters for p in (a.lora_A.weight, a.lora_B.weight)]
     weights = torch.randn(3, 20, 32)
-    got = torch.autograd.grad(sum((d * w).sum() for d, w in zip(merged_lora_deltas(rows, adapters), weights)),
+    got = torch.autograd.grad(sum((t * w).sum() for t, w in zip(merged_terms(rows, adapters), weights)),
                               params + [rows])
     want = torch.autograd.grad(sum((a.lora_delta(rows) * w).sum() for a, w in zip(adapters, weights)), params + [rows])
     for g, w in zip(got, want):

@@ -192,7 +192,7 @@ def fuse_frozen_qkv(model: PreTrainedModel, *, merge_adapters: bool = False) -> 
     The three weights (and biases) are moved into one tensor and each Parameter becomes a view of its
     rows: the same Parameter objects, names, values and memory, so state dicts, checkpoints and the
     optimizer see no change. LoRA adapters on query/key/value still add their own term; with
-    ``merge_adapters`` (see ``merged_lora_deltas``) those of one block share one dropout mask and one
+    ``merge_adapters`` (see ``add_merged_lora``) those of one block share one dropout mask and one
     A matmul. Call it after the model has its final device and dtype (``.to()`` replaces a Parameter's
     data and undoes the views). Returns the number of attention blocks fused.
     """
@@ -229,12 +229,12 @@ def _fused_qkv_forward(attn, hidden_states, attention_mask=None, *args, **kwargs
     input_shape = hidden_states.shape[:-1]
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])
     weight, bias, adapters, merged = attn.fused_qkv
-    deltas = merged_lora_deltas(rows, adapters) if merged else [a and a.lora_delta(rows) for a in adapters]
-    heads = []
-    for part, delta in zip(F.linear(rows, weight, bias).chunk(3, dim=-1), deltas):
-        if delta is not None:
-            part = part + delta
-        heads.append(part.reshape(*input_shape, -1, attn.attention_head_size).transpose(1, 2))
+    qkv = F.linear(rows, weight, bias)
+    if merged:
+        parts = add_merged_lora(qkv, rows, adapters).chunk(3, dim=-1)
+    else:
+        parts = [p if a is None else p + a.lora_delta(rows) for p, a in zip(qkv.chunk(3, dim=-1), adapters)]
+    heads = [p.reshape(*input_shape, -1, attn.attention_head_size).transpose(1, 2) for p in parts]
     context = _attend(attn, *heads, attention_mask)
     return context.reshape(*input_shape, -1), None
 
@@ -246,17 +246,26 @@ def mergeable(adapters) -> bool:
                                       a.lora_A.weight.dtype) for a in present}) == 1
 
 
-def merged_lora_deltas(rows: torch.Tensor, adapters) -> list[Optional[torch.Tensor]]:
-    """The LoRA terms of adapters that read the same input, as loralib's MergedLinear computes them for
-    a fused query/key/value: one dropout mask for all, one matmul with their A matrices stacked, then
-    each adapter's B on its slice. Each term is (alpha / dim) * B(A(dropout(x))) as alone, but the
-    adapters see the same dropped input (peft draws a mask per adapter). Costs one dropout and one A
-    matmul forward, and one each of the input's and the A's gradient matmuls backward, for all of them."""
+def add_merged_lora(qkv: torch.Tensor, rows: torch.Tensor, adapters) -> torch.Tensor:
+    """``qkv`` (the fused projections of ``rows``) plus the LoRA terms of the adapters on them, merged as
+    loralib's MergedLinear merges a fused query/key/value: one dropout mask for all, one matmul with
+    their A matrices stacked, one with their B matrices laid out block-wise (zeros where a projection has
+    no adapter), added onto ``qkv`` by the matmul itself (addmm). Each term is (alpha / dim) *
+    B(A(dropout(x))) as alone, but the adapters see the same dropped input (peft draws a mask per
+    adapter). Forward and backward, that is one dropout and three matmuls a block for all adapters,
+    against one dropout and three matmuls (and an add) per adapter."""
     present = [a for a in adapters if a is not None]
     first = present[0]
     u = F.linear(first.lora_dropout(rows), torch.cat([a.lora_A.weight for a in present])) * first.scale
-    slices = iter(u.split(first.dim, dim=-1))
-    return [None if a is None else F.linear(next(slices), a.lora_B.weight) for a in adapters]
+    width, out = u.shape[-1], qkv.shape[-1] // len(adapters)
+    blocks, start = [], 0
+    for adapter in adapters:
+        if adapter is None:
+            blocks.append(u.new_zeros(out, width))
+        else:
+            blocks.append(F.pad(adapter.lora_B.weight, (start, width - start - adapter.dim)))
+            start += adapter.dim
+    return torch.addmm(qkv, u, torch.cat(blocks).t())
 
 
 class RandDropout(torch.nn.Dropout):
