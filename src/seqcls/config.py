@@ -174,8 +174,9 @@ class PeftConfig:
     modules_to_save: list[str] = field(default_factory=lambda: ["classifier", "score"])
     merge_qkv: bool = True
     """Where query/key/value are one matmul (model.fuse_frozen_qkv), their adapters share one input
-    dropout mask and one A matmul, as the original LoRA code's MergedLinear (fewer kernels); false: each
-    adapter draws its own mask, as peft does. Without dropout the two give the same values."""
+    dropout mask, one A matmul and one B matmul, as in the original LoRA code's MergedLinear (fewer
+    kernels); false: each adapter draws its own mask, as peft does. Without dropout the two give the same
+    values."""
 
     def __post_init__(self) -> None:
         _check(self.dim > 0, f"peft.dim must be > 0, got {self.dim}")

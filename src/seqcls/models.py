@@ -192,8 +192,8 @@ def fuse_frozen_qkv(model: PreTrainedModel, *, merge_adapters: bool = False) -> 
     The three weights (and biases) are moved into one tensor and each Parameter becomes a view of its
     rows: the same Parameter objects, names, values and memory, so state dicts, checkpoints and the
     optimizer see no change. LoRA adapters on query/key/value still add their own term; with
-    ``merge_adapters`` (see ``add_merged_lora``) those of one block share one dropout mask and one
-    A matmul. Call it after the model has its final device and dtype (``.to()`` replaces a Parameter's
+    ``merge_adapters`` (see ``add_merged_lora``) those of one block share one dropout mask and their
+    matmuls. Call it after the model has its final device and dtype (``.to()`` replaces a Parameter's
     data and undoes the views). Returns the number of attention blocks fused.
     """
     from seqcls.lora import LoRALinear
@@ -252,8 +252,8 @@ def add_merged_lora(qkv: torch.Tensor, rows: torch.Tensor, adapters) -> torch.Te
     their A matrices stacked, one with their B matrices laid out block-wise (zeros where a projection has
     no adapter), added onto ``qkv`` by the matmul itself (addmm). Each term is (alpha / dim) *
     B(A(dropout(x))) as alone, but the adapters see the same dropped input (peft draws a mask per
-    adapter). Forward and backward, that is one dropout and three matmuls a block for all adapters,
-    against one dropout and three matmuls (and an add) per adapter."""
+    adapter). Forward and backward, that is one dropout and six matmuls a block for all its adapters,
+    against one dropout, six matmuls and an add per adapter."""
     present = [a for a in adapters if a is not None]
     first = present[0]
     u = F.linear(first.lora_dropout(rows), torch.cat([a.lora_A.weight for a in present])) * first.scale
