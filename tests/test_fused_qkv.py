@@ -9,7 +9,7 @@ import torch
 
 from seqcls.build import build_trainer
 from seqcls.lora import LoRALinear, inject_lora
-from seqcls.models import first_token_last_layer, from_config, fuse_frozen_qkv, add_merged_lora
+from seqcls.models import add_merged_lora, bf16_read_parameters, first_token_last_layer, from_config, fuse_frozen_qkv
 from tests.conftest import compose_cfg, synthetic_overrides
 from tests.test_first_token import SMALL, assert_same_logits_and_gradients, batch, small_model
 
@@ -102,6 +102,33 @@ def test_merged_adapters_gradients_equal_separate_adapters_without_dropout():
     for g, w in zip(got, want):
         assert g.abs().sum() > 0
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16_adapters", [False, True])
+def test_merged_adapters_under_bf16_autocast_match_unmerged(bf16_adapters):
+    """The training setup on GPU: bf16 autocast, frozen weights in bf16, adapters in bf16 (master weights)
+    or fp32; the block-wise B matrix then mixes the dtypes of its zero blocks and the adapters."""
+    plain = frozen_base("roberta", "sdpa", True)
+    for p in bf16_read_parameters(plain):
+        if bf16_adapters or not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    merged, unmerged = copy.deepcopy(plain), copy.deepcopy(plain)
+    assert fuse_frozen_qkv(merged, merge_adapters=True) == fuse_frozen_qkv(unmerged) == 3
+    inputs, labels = batch()
+    hidden = []
+    for model in (merged, unmerged):
+        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden.append(getattr(model, model.base_model_prefix)(**inputs).last_hidden_state.float())
+            torch.nn.functional.cross_entropy(model(**inputs).logits.float(), labels).backward()
+    # bf16 rounding moves the hidden states by ~5e-4 here; a LoRA term off by its scale moves them by ~4e-2.
+    torch.testing.assert_close(hidden[0], hidden[1], rtol=0, atol=5e-3)
+    grads = {n: p.grad for n, p in unmerged.named_parameters() if p.grad is not None}
+    for name, p in merged.named_parameters():
+        if "lora_" in name:
+            assert p.grad is not None and p.grad.dtype == p.dtype, name
+            want = grads[name].float()
+            assert want.norm() > 0 and (p.grad.float() - want).norm() / want.norm() < 0.05, name
 
 
 def test_adapters_of_different_rank_are_not_merged():
