@@ -134,13 +134,12 @@ def test_merged_adapters_under_bf16_autocast_match_unmerged(bf16_adapters):
 def test_adapters_of_different_rank_are_not_merged():
     model = small_model("bert", "sdpa", False, num_hidden_layers=1)
     inject_lora(model, target_modules=["*.query"], dim=4, alpha=8, dropout=0.1)
-    inject_lora_one = LoRALinear.from_linear(model.bert.encoder.layer[0].attention.self.value, dim=2, alpha=8,
-                                             dropout=0.1)
-    model.bert.encoder.layer[0].attention.self.value = inject_lora_one
+    attn = model.bert.encoder.layer[0].attention.self
+    attn.value = LoRALinear.from_linear(attn.value, dim=2, alpha=8, dropout=0.1)  # rank 2 beside query's 4
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     assert fuse_frozen_qkv(model, merge_adapters=True) == 1
-    assert model.bert.encoder.layer[0].attention.self.fused_qkv[3] is False
+    assert attn.fused_qkv[3] is False
 
 
 def test_trainable_projections_are_left_alone():
