@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Attention kernels on short sequences: forward + backward of one layer's attention, as CUDA graphs.
+
+    python scripts/bench_attention.py --data-dir ../shared/data/mrpc --batch 32,256
+
+The batches are the ones training would see: MRPC train tokenised, grouped by length by seqcls's
+sampler, padded to a multiple of --bucket. Per batch, each variant is captured in a CUDA graph (as the
+training step is) and replayed; the table gives the mean milliseconds per layer over --batches batches.
+
+Variants (roberta-large's 16 heads of 64; query/key/value as views of one fused projection):
+- sdpa cudnn / efficient + mask: what training runs, with the boolean padding mask;
+- sdpa cudnn / flash, no mask: the same padded shapes without a mask; wrong on padded batches, shown
+  as the price of the mask;
+- flash varlen, packed: FlashAttention's variable-length kernel on the real tokens only (cu_seqlens);
+- flash varlen, gather/scatter: the same, taking the real tokens out of the padded projection and
+  putting the output back (what it would cost inside a padded model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from bench import default_paths, load_examples  # noqa: E402  (scripts/ is on sys.path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", default="32,256", help="comma list of batch sizes")
+    ap.add_argument("--batches", type=int, default=6, help="batches per batch size")
+    ap.add_argument("--bucket", type=int, default=8, help="pad to a multiple of this (compile.length_bucket)")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=24, help="for the per-step column")
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--data-dir", default=None, help="GLUE MRPC TSV folder (default ../shared/data/mrpc)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the MiniLM package's)")
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AutoTokenizer
+    from seqcls.data import GlobalBatchSampler
+
+    data, tok = default_paths(args)
+    lengths = [len(e["input_ids"]) for e in load_examples(data, AutoTokenizer.from_pretrained(tok), args.max_length)]
+    H, D, dev = args.heads, args.head_dim, torch.device("cuda")
+    aten = torch.ops.aten
+
+    class Varlen(torch.autograd.Function):  # FlashAttention's varlen kernels, with dropout
+        @staticmethod
+        def forward(ctx, q, k, v, cu, max_len, p):
+            out, lse, rng, unused, _ = aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, p, False, False)
+            ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
+            ctx.max_len, ctx.p = max_len, p
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+            dq, dk, dv = aten._flash_attention_backward(grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len,
+                                                        ctx.max_len, ctx.p, False, rng, unused)
+            return dq, dk, dv, None, None, None
+
+    def replay_ms(step) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.reps):
+            graph.replay()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / args.reps * 1e3
+
+    def variants(lens: list[int], p: float) -> dict:
+        B, T = len(lens), sum(lens)
+        L = -(-max(lens) // args.bucket) * args.bucket
+        lt = torch.tensor(lens, device=dev)
+        keep = torch.arange(L, device=dev)[None] < lt[:, None]
+        idx = keep.flatten().nonzero().squeeze(1)
+        cu = F.pad(lt.cumsum(0), (1, 0)).to(torch.int32)
+        mask = keep[:, None, None, :].expand(B, 1, L, L)
+        bf = dict(device=dev, dtype=torch.bfloat16)
+        qkv = torch.randn(B, L, 3, H, D, **bf, requires_grad=True)  # the fused projection's output
+        packed = torch.randn(T, 3, H, D, **bf, requires_grad=True)
+        g_pad, g_packed, g_ctx = (torch.randn(B, H, L, D, **bf), torch.randn(T, H, D, **bf),
+                                  torch.randn(B, L, H * D, **bf))
+
+        def sdpa(backend, masked):
+            def step():
+                q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+                with sdpa_kernel(backend):
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None, dropout_p=p)
+                return torch.autograd.grad(out, qkv, g_pad)
+            return step
+
+        def varlen_packed():
+            return torch.autograd.grad(Varlen.apply(packed[:, 0], packed[:, 1], packed[:, 2], cu, L, p), packed, g_packed)
+
+        def varlen_gather():
+            x = qkv.reshape(B * L, 3, H, D).index_select(0, idx)
+            out = Varlen.apply(x[:, 0], x[:, 1], x[:, 2], cu, L, p).reshape(T, H * D)
+            ctx = out.new_zeros(B * L, H * D).index_copy(0, idx, out).view(B, L, H * D)
+            return torch.autograd.grad(ctx, qkv, g_ctx)
+
+        return {"sdpa cudnn + mask": sdpa(SDPBackend.CUDNN_ATTENTION, True),
+                "sdpa efficient + mask": sdpa(SDPBackend.EFFICIENT_ATTENTION, True),
+                "sdpa cudnn, no mask": sdpa(SDPBackend.CUDNN_ATTENTION, False),
+                "sdpa flash, no mask": sdpa(SDPBackend.FLASH_ATTENTION, False),
+                "flash varlen, packed": varlen_packed,
+                "flash varlen, gather/scatter": varlen_gather}, (qkv, keep, idx, cu, L)
+
+    # The varlen kernel computes what the masked kernel computes (no dropout): compare on real tokens.
+    lens = [lengths[i] for i in next(iter(GlobalBatchSampler(lengths, local_batch_size=32, grad_accum_steps=1)))]
+    _, (qkv, keep, idx, cu, L) = variants(lens, 0.0)
+    with torch.no_grad():
+        B = len(lens)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        ref = ref.transpose(1, 2).reshape(B * L, H, D)[idx]
+        x = qkv.reshape(B * L, 3, H, D)[idx]
+        diff = (Varlen.apply(x[:, 0], x[:, 1], x[:, 2], cu, L, 0.0).float() - ref.float()).abs().max().item()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; varlen vs masked sdpa on real tokens, "
+          f"no dropout: max abs diff {diff:.2e}")
+
+    print(f"| batch | variant | dropout | ms a layer (fwd+bwd) | x{args.layers} layers |")
+    print("|---|---|---|---|---|")
+    for batch in (int(b) for b in args.batch.split(",")):
+        sampler = GlobalBatchSampler(lengths, local_batch_size=batch, grad_accum_steps=1)
+        batches = [[lengths[i] for i in b] for b in list(sampler)[:args.batches]]
+        for p in sorted({args.dropout, 0.0}, reverse=True):
+            total: dict[str, float] = {}
+            for lens in batches:
+                steps, _ = variants(lens, p)
+                for name, step in steps.items():
+                    total[name] = total.get(name, 0.0) + replay_ms(step)
+                torch.cuda.empty_cache()
+            for name, ms in total.items():
+                ms /= len(batches)
+                print(f"| {batch} | {name} | {p} | {ms:.3f} | {ms * args.layers:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
