@@ -74,6 +74,21 @@ def test_compile_scope_picks_what_is_compiled(tmp_path, synthetic_dir, scope):
     assert model.bert.embeddings._compiled_call_impl is None
 
 
+@pytest.mark.parametrize("combo,mode", [(True, "default"), (True, "max-autotune-no-cudagraphs"), (False, "default")])
+def test_compile_takes_combo_kernels_with_the_modes_own_options(tmp_path, synthetic_dir, monkeypatch, combo, mode):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [
+        "compile.enabled=true", f"compile.combo_kernels={combo}", f"compile.mode={mode}"]), tmp_path)
+    assert len(calls) >= 2  # one call a block
+    for kw in calls:
+        if combo:  # torch.compile refuses a mode beside options: the mode goes in as its options
+            assert "mode" not in kw and kw["options"]["combo_kernels"] is True
+            assert kw["options"].get("max_autotune", False) == (mode != "default")
+        else:
+            assert kw["mode"] == mode and "options" not in kw
+
+
 @pytest.mark.parametrize("opt_kind", ["fused-adamw", "fused-adam", "sgd"])
 @pytest.mark.parametrize("grad_size", [0.01, 30.0])  # below and above the clipping threshold
 def test_clip_and_update_matches_clip_grad_norm_then_step(opt_kind, grad_size):

@@ -195,7 +195,8 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
     return True
 
 
-def compile_model(model: torch.nn.Module, *, mode: str, per_block: bool, dynamic: Optional[bool]) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, *, mode: str, per_block: bool, dynamic: Optional[bool],
+                  combo_kernels: bool = False) -> torch.nn.Module:
     """Compile in place (nn.Module.compile): parameters, state-dict keys and .config stay as they are.
 
     ``per_block``: each transformer block is compiled on its own (under FSDP2, between the all-gathers
@@ -209,10 +210,14 @@ def compile_model(model: torch.nn.Module, *, mode: str, per_block: bool, dynamic
     if per_block:
         from seqcls.distributed import find_transformer_blocks
         blocks = find_transformer_blocks(model)
-    if not blocks:
-        model.compile(mode=mode, dynamic=dynamic)
-    for block in blocks:
-        block.compile(mode=mode, dynamic=dynamic)
+    # torch.compile takes a mode or inductor options, not both: the mode's own options, plus ours.
+    if combo_kernels:
+        from torch._inductor import list_mode_options
+        how = {"options": {**list_mode_options(mode, dynamic), "combo_kernels": True}}
+    else:
+        how = {"mode": mode}
+    for module in blocks or [model]:
+        module.compile(dynamic=dynamic, **how)
     return model
 
 
@@ -332,7 +337,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         if sharded and mode in ("reduce-overhead", "max-autotune"):
             mode = "max-autotune-no-cudagraphs" if "autotune" in mode else "default"
         model = compile_model(model, mode=mode, per_block=sharded or cfg.compile.scope == "blocks",
-                              dynamic=cfg.compile.dynamic)
+                              dynamic=cfg.compile.dynamic, combo_kernels=cfg.compile.combo_kernels)
     lr_lambda = instantiate(cfg.lr_scheduler)(plan["total_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
