@@ -43,6 +43,8 @@ def main():
     args = ap.parse_args()
 
     import torch
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py times CUDA attention kernels: run it on a machine with a CUDA GPU")
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoTokenizer
