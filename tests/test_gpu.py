@@ -67,8 +67,9 @@ def train(data, run_dir, extra, *, stop_after=None):
 ONE_MICRO_BATCH = ["step_scheduler.local_batch_size=16"]  # the one-graph step: forward, backward, update
 
 
-@pytest.mark.parametrize("scope,extra", [("model", []), ("blocks", []), ("blocks", ONE_MICRO_BATCH)],
-                         ids=["model-accumulate", "blocks-accumulate", "blocks-one-graph"])
+@pytest.mark.parametrize("scope,extra", [("model", []), ("blocks", []), ("blocks", ONE_MICRO_BATCH),
+                                         ("blocks", ONE_MICRO_BATCH + ["compile.combo_kernels=true"])],
+                         ids=["model-accumulate", "blocks-accumulate", "blocks-one-graph", "blocks-one-graph-combo"])
 def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_path, scope, extra):
     graphs, g_loss, g_par = train(data, tmp_path / "g", NO_DROPOUT + extra + [
         "compile.enabled=true", "checkpoint.enabled=false", f"compile.scope={scope}"])
