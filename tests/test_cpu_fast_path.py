@@ -5,7 +5,7 @@ import resource
 import pytest
 import torch
 
-from seqcls.build import build_trainer, use_step_graphs
+from seqcls.build import build_trainer, use_combo_kernels, use_step_graphs
 from seqcls.distributed import DistInfo
 from seqcls.env import keep_freed_memory
 from seqcls.models import RandDropout, from_config, rand_dropout
@@ -74,12 +74,14 @@ def test_compile_scope_picks_what_is_compiled(tmp_path, synthetic_dir, scope):
     assert model.bert.embeddings._compiled_call_impl is None
 
 
-@pytest.mark.parametrize("combo,mode", [(True, "default"), (True, "max-autotune-no-cudagraphs"), (False, "default")])
+@pytest.mark.parametrize("combo,mode", [(True, "default"), (True, "max-autotune-no-cudagraphs"), (False, "default"),
+                                        (None, "default")])  # null: on for CUDA only, and this is a CPU run
 def test_compile_takes_combo_kernels_with_the_modes_own_options(tmp_path, synthetic_dir, monkeypatch, combo, mode):
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
     build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [
-        "compile.enabled=true", f"compile.combo_kernels={combo}", f"compile.mode={mode}"]), tmp_path)
+        "compile.enabled=true", f"compile.combo_kernels={'null' if combo is None else combo}",
+        f"compile.mode={mode}"]), tmp_path)
     assert len(calls) >= 2  # one call a block
     for kw in calls:
         if combo:  # torch.compile refuses a mode beside options: the mode goes in as its options
@@ -87,6 +89,13 @@ def test_compile_takes_combo_kernels_with_the_modes_own_options(tmp_path, synthe
             assert kw["options"].get("max_autotune", False) == (mode != "default")
         else:
             assert kw["mode"] == mode and "options" not in kw
+
+
+@pytest.mark.parametrize("setting,cuda,cpu", [("null", True, False), ("true", True, True), ("false", False, False)])
+def test_combo_kernels_default_to_cuda_only(synthetic_dir, tmp_path, setting, cuda, cpu):
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [f"compile.combo_kernels={setting}"])
+    assert use_combo_kernels(cfg, torch.device("cuda")) is cuda
+    assert use_combo_kernels(cfg, torch.device("cpu")) is cpu
 
 
 @pytest.mark.parametrize("opt_kind", ["fused-adamw", "fused-adam", "sgd"])

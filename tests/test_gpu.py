@@ -68,8 +68,8 @@ ONE_MICRO_BATCH = ["step_scheduler.local_batch_size=16"]  # the one-graph step: 
 
 
 @pytest.mark.parametrize("scope,extra", [("model", []), ("blocks", []), ("blocks", ONE_MICRO_BATCH),
-                                         ("blocks", ONE_MICRO_BATCH + ["compile.combo_kernels=true"])],
-                         ids=["model-accumulate", "blocks-accumulate", "blocks-one-graph", "blocks-one-graph-combo"])
+                                         ("blocks", ONE_MICRO_BATCH + ["compile.combo_kernels=false"])],
+                         ids=["model-accumulate", "blocks-accumulate", "blocks-one-graph", "blocks-one-graph-no-combo"])
 def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_path, scope, extra):
     graphs, g_loss, g_par = train(data, tmp_path / "g", NO_DROPOUT + extra + [
         "compile.enabled=true", "checkpoint.enabled=false", f"compile.scope={scope}"])

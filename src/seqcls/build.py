@@ -175,6 +175,12 @@ def use_compile(cfg: DictConfig, device: torch.device) -> bool:
     return bool(cfg.compile.enabled)
 
 
+def use_combo_kernels(cfg: DictConfig, device: torch.device) -> bool:
+    if cfg.compile.combo_kernels is None:
+        return device.type == "cuda"
+    return bool(cfg.compile.combo_kernels)
+
+
 def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
                     attn_implementation: Optional[str]) -> bool:
     """compile.cuda_graphs=step applies to one CUDA process training with AdamW or Adam, and a model
@@ -337,7 +343,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         if sharded and mode in ("reduce-overhead", "max-autotune"):
             mode = "max-autotune-no-cudagraphs" if "autotune" in mode else "default"
         model = compile_model(model, mode=mode, per_block=sharded or cfg.compile.scope == "blocks",
-                              dynamic=cfg.compile.dynamic, combo_kernels=cfg.compile.combo_kernels)
+                              dynamic=cfg.compile.dynamic, combo_kernels=use_combo_kernels(cfg, device))
     lr_lambda = instantiate(cfg.lr_scheduler)(plan["total_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 

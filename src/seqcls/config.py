@@ -287,11 +287,11 @@ class CompileConfig:
     model: one graph for the whole model. Under FSDP2 blocks are always compiled on their own."""
     length_bucket: int = 8
     """Pad each batch to a multiple of this when compiled: few shapes, few graphs."""
-    combo_kernels: bool = False
-    """true: inductor launches independent small kernels of a compiled block as one (its experimental
-    combo_kernels option), so a step launches fewer kernels. On an H200, roberta-large b32: LoRA +1.8%,
-    full FT +1.1%, the same loss curve (docs/benchmarks.md). Off by default until the GPU tests
-    (tests/test_gpu.py) have run with it."""
+    combo_kernels: Optional[bool] = None
+    """Inductor launches independent small kernels of a compiled block as one (its combo_kernels option),
+    so a step launches fewer kernels. null: on for CUDA, off on CPU (where inductor's C++ kernels gain
+    nothing from it). On an H200, roberta-large b32: LoRA +1.8%, full FT +1.1%, the same loss curve
+    (docs/benchmarks.md)."""
     bf16_frozen_weights: bool = True
     """Under LoRA with bf16 autocast (one process), keep the frozen parameters that autocast reads only as
     bf16 in bf16: Linear weights and biases, and the LayerNorms of bf16_residual. The same training bit
