@@ -169,16 +169,17 @@ def loader_kwargs_of(lcfg: DictConfig, device: torch.device) -> dict[str, Any]:
     return kwargs
 
 
+def _cuda_default(setting: Optional[bool], device: torch.device) -> bool:
+    """A compile switch whose null means: on for CUDA, off elsewhere."""
+    return device.type == "cuda" if setting is None else bool(setting)
+
+
 def use_compile(cfg: DictConfig, device: torch.device) -> bool:
-    if cfg.compile.enabled is None:
-        return device.type == "cuda"
-    return bool(cfg.compile.enabled)
+    return _cuda_default(cfg.compile.enabled, device)
 
 
 def use_combo_kernels(cfg: DictConfig, device: torch.device) -> bool:
-    if cfg.compile.combo_kernels is None:
-        return device.type == "cuda"
-    return bool(cfg.compile.combo_kernels)
+    return _cuda_default(cfg.compile.combo_kernels, device)
 
 
 def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
