@@ -202,3 +202,37 @@ def test_fsdp2_on_one_gpu_with_compiled_blocks_trains_like_unsharded_eager(data,
     assert list(f_loss) == list(range(1, 13))
     for step in f_loss:  # bf16 autocast in both; the compiled kernels round differently
         assert f_loss[step] == pytest.approx(e_loss[step], rel=3e-2, abs=3e-3), step
+
+
+def test_flash_varlen_attention_matches_the_reference_forward_and_backward():
+    from seqcls.models import varlen_attention
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    cu = torch.tensor([0, 37, 38, 101, 128], dtype=torch.int32, device=dev)
+    cu_first = torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32, device=dev)  # one query a sequence, none for the filler
+    for cu_q, rows, max_q in ((cu, torch.arange(128, device=dev), 63), (cu_first, cu[:-2].long(), 1)):
+        x = [torch.randn(128, 4, 64, device=dev) for _ in range(3)]
+        grad = torch.randn(len(rows), 4, 64, device=dev)
+        outs, grads = [], []
+        for dtype in (torch.bfloat16, torch.float32):  # bf16: FlashAttention's kernels; fp32: the reference
+            q, k, v = (t.to(dtype).requires_grad_() for t in (x[0][rows], x[1], x[2]))
+            out = varlen_attention(q, k, v, cu_q, cu, max_q, 63, dropout=0.0, scale=0.125)
+            out.backward(grad.to(dtype))
+            outs.append(out.float())
+            grads.append([t.grad.float() for t in (q, k, v)])
+        torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+        for g_flash, g_ref in zip(*grads):
+            torch.testing.assert_close(g_flash, g_ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_packed_sequences_under_step_graphs_train_like_padded_eager(data, tmp_path, peft):
+    extra = NO_DROPOUT + ONE_MICRO_BATCH + ["checkpoint.enabled=false", "dataloader.group_by_length=false",
+                                            f"peft={peft}"] + (["optimizer.lr=5e-3"] if peft == "lora" else [])
+    packed, p_loss, _ = train(data, tmp_path / "p", extra + ["compile.enabled=true"])
+    padded, e_loss, _ = train(data, tmp_path / "e", extra + ["compile.enabled=false", "compile.pack_sequences=false"])
+    assert "cu_seq_lens" in next(iter(packed.train_loader)) and "cu_seq_lens" not in next(iter(padded.train_loader))
+    assert packed.step_graphs is not None and len(packed.step_graphs.micro) >= 2  # several packed lengths
+    assert list(p_loss) == list(range(1, 13))
+    for step in p_loss:  # the same batches; bf16 autocast in both, other kernels round differently
+        assert p_loss[step] == pytest.approx(e_loss[step], rel=2e-2, abs=2e-3), step

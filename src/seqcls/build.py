@@ -182,6 +182,32 @@ def use_combo_kernels(cfg: DictConfig, device: torch.device) -> bool:
     return _cuda_default(cfg.compile.combo_kernels, device)
 
 
+def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch.dtype],
+                model: torch.nn.Module) -> Optional[int]:
+    """compile.pack_sequences: packs the model's training sequences (seqcls.models.pack_sequences) and
+    returns the position id of a sequence's first token for the PackCollator, or None when batches stay
+    padded. null: on for CUDA under bf16/fp16 autocast with the default collator, where the model qualifies."""
+    from seqcls.models import pack_sequences, packed_position_offset
+    setting = cfg.compile.pack_sequences
+    default_collator = cfg.dataloader.collate_fn.get("_target_") == "seqcls.data.PadCollator"
+    if setting is None:
+        if not (device.type == "cuda" and amp_dtype in (torch.bfloat16, torch.float16) and default_collator):
+            return None
+    elif not setting:
+        return None
+    elif not default_collator:
+        raise ConfigError("compile.pack_sequences=true replaces the training collator, and dataloader.collate_fn "
+                          "names another; drop one of the two")
+    if not pack_sequences(model, cfg.dataset.max_length):
+        if setting:
+            raise ConfigError("compile.pack_sequences=true needs a BERT-family encoder (bert, roberta, xlm-roberta, "
+                              "electra, camembert) with sdpa or eager attention and model.first_token_last_layer=true; "
+                              "set compile.pack_sequences=null")
+        return None
+    log.info("training on packed sequences (no padding; attention within each sequence)")
+    return packed_position_offset(model)
+
+
 def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
                     attn_implementation: Optional[str]) -> bool:
     """compile.cuda_graphs=step applies to one CUDA process training with AdamW or Adam, and a model
@@ -307,6 +333,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         from seqcls.models import fuse_frozen_qkv
         if fused := fuse_frozen_qkv(model, merge_adapters=cfg.peft.enabled and cfg.peft.merge_qkv):
             log.info("query/key/value computed by one matrix multiply in %d attention blocks", fused)
+    pack_offset = use_packing(cfg, device, amp_dtype, model)  # None: batches stay padded
     # MasterWeightAdamW takes AdamW's and Adam's usual hyperparameters, not amsgrad, foreach and the like.
     # Under LoRA the trainable Linears are the adapters and the head: for roberta-large ~100 small tensors,
     # whose casts were ~190 kernels a step.
@@ -349,12 +376,17 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
     bucket = cfg.compile.length_bucket if compiled else None
-    collate = instantiate(cfg.dataloader.collate_fn)(pad_token_id=tokenizer.pad_token_id,
-                                                     pad_to_multiple_of=bucket)
+    if pack_offset is not None:
+        collate = data_lib.PackCollator(tokenizer.pad_token_id, position_offset=pack_offset,
+                                        pad_to_multiple_of=cfg.compile.pack_bucket)
+    else:
+        collate = instantiate(cfg.dataloader.collate_fn)(pad_token_id=tokenizer.pad_token_id,
+                                                         pad_to_multiple_of=bucket)
+    group_by_length = cfg.dataloader.group_by_length
     batch_sampler = data_lib.GlobalBatchSampler(
         [len(x) for x in splits["train"]["input_ids"]], local_batch_size=cfg.step_scheduler.local_batch_size,
         grad_accum_steps=plan["grad_accum_steps"], rank=dist_info.rank, world_size=dist_info.world_size,
-        seed=cfg.seed, group_by_length=cfg.dataloader.group_by_length)
+        seed=cfg.seed, group_by_length=pack_offset is None if group_by_length is None else group_by_length)
     loader_kwargs, vkwargs = (loader_kwargs_of(c, device) for c in (cfg.dataloader, cfg.validation_dataloader))
     train_loader = get_method(cfg.dataloader._target_)(
         # Plain Python rows: indexing an Arrow-backed dataset row by row costs more than the GPU step.

@@ -127,8 +127,10 @@ class DataloaderConfig:
     pin_memory: Optional[bool] = None
     """null: pinned host memory when training on CUDA (asynchronous copies to the GPU)."""
     persistent_workers: bool = False
-    group_by_length: bool = True
-    """Training batches hold examples of similar length (less padding); validation ignores it."""
+    group_by_length: Optional[bool] = None
+    """Training batches hold examples of similar length (less padding); validation ignores it. null: on,
+    unless sequences are packed (compile.pack_sequences), where there is no padding to save and
+    batches of mixed lengths give packed rows of similar size (few shapes)."""
 
 
 @dataclass
@@ -287,6 +289,15 @@ class CompileConfig:
     model: one graph for the whole model. Under FSDP2 blocks are always compiled on their own."""
     length_bucket: int = 8
     """Pad each batch to a multiple of this when compiled: few shapes, few graphs."""
+    pack_sequences: Optional[bool] = None
+    """Train on packed sequences: each batch's examples laid end to end with no padding, attention kept
+    within each example by FlashAttention's variable-length kernels, so every matrix multiply runs on
+    real tokens only (seqcls.models.pack_sequences). For BERT-family encoders with
+    model.first_token_last_layer. null: on for CUDA under bf16/fp16 autocast where the model qualifies;
+    true elsewhere runs a reference attention whose memory grows with the square of the batch's tokens.
+    Evaluation and prediction stay padded."""
+    pack_bucket: int = 64
+    """A packed batch is filled up to a multiple of this many tokens (few shapes, few graphs)."""
     combo_kernels: Optional[bool] = None
     """Inductor launches independent small kernels of a compiled block as one (its combo_kernels option),
     so a step launches fewer kernels. null: on for CUDA, off on CPU (where inductor's C++ kernels gain
@@ -317,6 +328,7 @@ class CompileConfig:
                f"graphs; add compile.cuda_graphs=none, or use mode default or max-autotune-no-cudagraphs")
         _check(self.scope in ("model", "blocks"), f"compile.scope must be model or blocks, got {self.scope!r}")
         _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")
+        _check(self.pack_bucket >= 1, f"compile.pack_bucket must be >= 1, got {self.pack_bucket}")
 
 
 @dataclass

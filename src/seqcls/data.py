@@ -7,6 +7,7 @@ sentence1/sentence2/label, ...), so one dataset config works online and offline.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -269,6 +270,38 @@ class PadCollator:
         if "labels" in examples[0]:
             batch["labels"] = torch.tensor([e["labels"] for e in examples])
         return batch
+
+
+class PackCollator:
+    """Lay a batch's examples end to end in one row, without padding (seqcls.models.pack_sequences).
+
+    Gives ``input_ids``, ``position_ids`` (each example's own positions, from ``position_offset``),
+    ``token_type_ids`` when the examples have them, ``cu_seq_lens`` (int32: where each example starts,
+    then where the filler starts, then the row's length) and ``labels`` (one per example). The row is
+    filled up to a multiple of ``pad_to_multiple_of`` tokens with at least one filler token (few
+    shapes for compiled code and CUDA graphs); the filler is a sequence of its own, attended to by
+    nothing else and read by nothing."""
+
+    def __init__(self, pad_token_id: int, position_offset: int = 0, pad_to_multiple_of: Optional[int] = None):
+        self.pad_token_id, self.position_offset = pad_token_id, position_offset
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(e["input_ids"]) for e in examples]
+        total = sum(lengths) + 1
+        if self.pad_to_multiple_of:
+            total = math.ceil(total / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        fill = total - sum(lengths)
+        start = self.position_offset
+        batch = {"input_ids": [t for e in examples for t in e["input_ids"]] + [self.pad_token_id] * fill,
+                 "position_ids": [p for n in lengths for p in range(start, start + n)] + [start] * fill}
+        if "token_type_ids" in examples[0]:
+            batch["token_type_ids"] = [t for e in examples for t in e["token_type_ids"]] + [0] * fill
+        out = {k: torch.tensor([v], dtype=torch.long) for k, v in batch.items()}
+        out["cu_seq_lens"] = torch.tensor(list(itertools.accumulate(lengths, initial=0)) + [total], dtype=torch.int32)
+        if "labels" in examples[0]:
+            out["labels"] = torch.tensor([e["labels"] for e in examples])
+        return out
 
 
 class ShardSampler(Sampler[int]):

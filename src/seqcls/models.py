@@ -160,6 +160,8 @@ def first_token_last_layer(model: PreTrainedModel) -> bool:
 
 def _first_token_forward(layer, hidden_states, attention_mask=None, *args, **kwargs):
     attn = layer.attention.self
+    if kwargs.get("cu_seq_lens") is not None:  # packed sequences (pack_sequences)
+        return _first_token_packed(layer, attn, hidden_states, kwargs["cu_seq_lens"])
     batch, length, _ = hidden_states.shape
     first = hidden_states[:, :1]
     query = attn.query(first).view(batch, 1, -1, attn.attention_head_size).transpose(1, 2)
@@ -169,6 +171,23 @@ def _first_token_forward(layer, hidden_states, attention_mask=None, *args, **kwa
         attention_mask = attention_mask[:, :, :1]  # the first query's row (boolean, or additive for eager)
     context = _attend(attn, query, key, value, attention_mask).reshape(batch, 1, -1)
     attention_output = layer.attention.output(context, first)
+    return layer.feed_forward_chunk(attention_output)
+
+
+def _first_token_packed(layer, attn, hidden_states, cu_seq_lens):
+    """The first-token last layer on packed sequences: each sequence's first token queries that
+    sequence's keys. Returns (sequences, 1, hidden), what the padded layer returns, so the head reads
+    [:, 0] as before. The packing's filler (the last entry of cu_seq_lens) asks no query."""
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+    first = rows.index_select(0, cu_seq_lens[:-2])  # (sequences, hidden)
+    n = first.shape[0]
+    query, key, value = (m(x).view(x.shape[0], -1, attn.attention_head_size) for m, x in
+                         ((attn.query, first), (attn.key, rows), (attn.value, rows)))
+    cu_q = torch.arange(n + 2, device=rows.device, dtype=cu_seq_lens.dtype).clamp_(max=n)
+    context = varlen_attention(query, key, value, cu_q, cu_seq_lens, 1, attn.packed_max_length,
+                               dropout=attn.dropout.p if attn.training else 0.0, scale=attn.scaling)
+    first = first[:, None]
+    attention_output = layer.attention.output(context.reshape(n, 1, -1), first)
     return layer.feed_forward_chunk(attention_output)
 
 
@@ -218,25 +237,101 @@ def fuse_frozen_qkv(model: PreTrainedModel, *, merge_adapters: bool = False) -> 
         # Which of the three carry a LoRA term, and whether theirs merge: decided here, not on every forward.
         adapters = tuple(m if isinstance(m, LoRALinear) else None for m in mods)
         attn.fused_qkv = (weight, bias, adapters, merge_adapters and mergeable(adapters))
-        attn.forward = types.MethodType(_fused_qkv_forward, attn)
+        attn.forward = types.MethodType(_self_attention_forward, attn)
         n += 1
     return n
 
 
-def _fused_qkv_forward(attn, hidden_states, attention_mask=None, *args, **kwargs):
+def _self_attention_forward(attn, hidden_states, attention_mask=None, *args, **kwargs):
+    """Self-attention with query/key/value from one fused matrix multiply (fuse_frozen_qkv) or from the
+    three projections, over padded batches (the mask HF built) or packed sequences (pack_sequences)."""
     if args or any(kwargs.get(k) is not None for k in ("cache", "past_key_values", "encoder_hidden_states")):
         return type(attn).forward(attn, hidden_states, attention_mask, *args, **kwargs)
     input_shape = hidden_states.shape[:-1]
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-    weight, bias, adapters, merged = attn.fused_qkv
-    qkv = F.linear(rows, weight, bias)
-    if merged:
-        parts = add_merged_lora(qkv, rows, adapters).chunk(3, dim=-1)
+    fused = getattr(attn, "fused_qkv", None)
+    if fused is None:
+        parts = [attn.query(rows), attn.key(rows), attn.value(rows)]
     else:
-        parts = [p if a is None else p + a.lora_delta(rows) for p, a in zip(qkv.chunk(3, dim=-1), adapters)]
+        weight, bias, adapters, merged = fused
+        qkv = F.linear(rows, weight, bias)
+        if merged:
+            parts = add_merged_lora(qkv, rows, adapters).chunk(3, dim=-1)
+        else:
+            parts = [p if a is None else p + a.lora_delta(rows) for p, a in zip(qkv.chunk(3, dim=-1), adapters)]
+    cu_seq_lens = kwargs.get("cu_seq_lens")
+    if cu_seq_lens is not None:
+        q, k, v = (p.view(rows.shape[0], -1, attn.attention_head_size) for p in parts)
+        context = varlen_attention(q, k, v, cu_seq_lens, cu_seq_lens, attn.packed_max_length, attn.packed_max_length,
+                                   dropout=attn.dropout.p if attn.training else 0.0, scale=attn.scaling)
+        return context.reshape(*input_shape, -1), None
     heads = [p.reshape(*input_shape, -1, attn.attention_head_size).transpose(1, 2) for p in parts]
     context = _attend(attn, *heads, attention_mask)
     return context.reshape(*input_shape, -1), None
+
+
+def pack_sequences(model: PreTrainedModel, max_length: int) -> bool:
+    """Let the encoder train on packed sequences: a batch's sequences laid end to end in one row with no
+    padding (seqcls.data.PackCollator), ``cu_seq_lens`` marking where each starts, and attention kept
+    within each sequence by a variable-length kernel (varlen_attention). The matrix multiplies,
+    LayerNorms and dropouts then run on real tokens only, not on the padding of a padded batch. Needs
+    the first-token last layer (first_token_last_layer), which gives the head one row a sequence.
+    ``max_length``: no sequence is longer (the data's truncation length). Padded batches (evaluation,
+    prediction) run as before. Returns whether the model qualified."""
+    layers = _encoder_layers(model)
+    if layers is None or "forward" not in vars(layers[-1]):
+        return False
+    for layer in layers:
+        attn = layer.attention.self
+        attn.packed_max_length = int(max_length)
+        if "forward" not in vars(layer) and "forward" not in vars(attn):  # fuse_frozen_qkv patched it already
+            attn.forward = types.MethodType(_self_attention_forward, attn)
+    return True
+
+
+def packed_position_offset(model: PreTrainedModel) -> int:
+    """The position id of a sequence's first token: RoBERTa-style embeddings count positions from
+    padding_idx + 1, BERT's from 0."""
+    padding_idx = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
+    return 0 if padding_idx is None else int(padding_idx) + 1
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """FlashAttention's variable-length kernels as torch ships them, with attention dropout (its RNG
+    state is saved by the forward and replayed by the backward, also inside CUDA graphs)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, cu_q, cu_k, max_q: int, max_k: int, dropout: float, scale: float):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            query, key, value, cu_q, cu_k, max_q, max_k, dropout, False, False, scale=scale)
+        ctx.save_for_backward(query, key, value, out, lse, cu_q, cu_k, rng_state, unused)
+        ctx.max_q, ctx.max_k, ctx.dropout, ctx.scale = max_q, max_k, dropout, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, out, lse, cu_q, cu_k, rng_state, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), query, key, value, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.dropout, False,
+            rng_state, unused, scale=ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: torch.Tensor,
+                     cu_k: torch.Tensor, max_q: int, max_k: int, *, dropout: float, scale: float) -> torch.Tensor:
+    """Attention over packed sequences: query rows [cu_q[i], cu_q[i+1]) attend to key/value rows
+    [cu_k[i], cu_k[i+1]) alone. query (Tq, heads, dim), key and value (Tk, heads, dim), cu_* int32
+    (sequences + 1,), max_*: bounds on a sequence's length; returns (Tq, heads, dim). On CUDA in
+    bf16/fp16, FlashAttention's varlen kernels; elsewhere the same attention as SDPA with a
+    block-diagonal mask (memory quadratic in the packed length: for tests and small batches)."""
+    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+        return _FlashVarlen.apply(query, key, value, cu_q, cu_k, max_q, max_k, dropout, scale)
+    seq_q = torch.searchsorted(cu_q[1:], torch.arange(query.shape[0], device=query.device, dtype=cu_q.dtype), right=True)
+    seq_k = torch.searchsorted(cu_k[1:], torch.arange(key.shape[0], device=key.device, dtype=cu_k.dtype), right=True)
+    mask = seq_q[:, None] == seq_k[None, :]
+    out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                                         attn_mask=mask, dropout_p=dropout, scale=scale)
+    return out.transpose(0, 1)
 
 
 def mergeable(adapters) -> bool:

@@ -1,0 +1,154 @@
+"""compile.pack_sequences: a batch's examples laid end to end without padding give the padded model's
+logits, gradients and training."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from seqcls.build import build_trainer
+from seqcls.data import PackCollator, PadCollator
+from seqcls.lora import inject_lora
+from seqcls.models import (first_token_last_layer, from_config, fuse_frozen_qkv, pack_sequences,
+                           packed_position_offset, varlen_attention)
+from tests.conftest import compose_cfg, synthetic_overrides
+from tests.test_first_token import SMALL
+
+
+def examples(seed=0, lengths=(12, 3, 7, 12, 1, 9)):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, 100, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "attention_mask": [1] * n, "token_type_ids": [0] * (n // 2) + [1] * (n - n // 2),
+                    "labels": int(torch.randint(0, 3, (), generator=g))})
+    return out
+
+
+def test_pack_collator_lays_examples_end_to_end_and_fills_to_the_multiple():
+    ex = [{"input_ids": [7, 8, 9], "token_type_ids": [0, 0, 1], "labels": 1},
+          {"input_ids": [5, 6], "token_type_ids": [0, 1], "labels": 0}]
+    b = PackCollator(pad_token_id=1, position_offset=2, pad_to_multiple_of=4)(ex)
+    assert b["input_ids"].tolist() == [[7, 8, 9, 5, 6, 1, 1, 1]]
+    assert b["position_ids"].tolist() == [[2, 3, 4, 2, 3, 2, 2, 2]]
+    assert b["token_type_ids"].tolist() == [[0, 0, 1, 0, 1, 0, 0, 0]]
+    assert b["cu_seq_lens"].tolist() == [0, 3, 5, 8] and b["cu_seq_lens"].dtype == torch.int32
+    assert b["labels"].tolist() == [1, 0]
+    # Without a multiple the row still ends in one filler token (its own sequence), and the filler is
+    # always there: 5 tokens fill to 8 with a multiple of 4, 7 tokens to 8 as well, 8 to 12.
+    assert PackCollator(1)(ex)["cu_seq_lens"].tolist() == [0, 3, 5, 6]
+    for n, total in ((7, 8), (8, 12)):
+        assert PackCollator(1, pad_to_multiple_of=4)([{"input_ids": [5] * n}])["cu_seq_lens"].tolist() == [0, n, total]
+
+
+def test_varlen_attention_attends_within_each_sequence_only():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 4, 5, 9, 11], dtype=torch.int32)
+    q, k, v = (torch.randn(11, 2, 8) for _ in range(3))
+    out = varlen_attention(q, k, v, cu, cu, 4, 4, dropout=0.0, scale=8 ** -0.5)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = torch.nn.functional.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)))
+        torch.testing.assert_close(out[s:e], alone.transpose(0, 1))
+    # Queries of a sequence can be fewer than its keys (the first-token layer): one query each, none for the last.
+    cu_q = torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32)
+    first = varlen_attention(q[cu[:-2].long()], k, v, cu_q, cu, 1, 4, dropout=0.0, scale=8 ** -0.5)
+    torch.testing.assert_close(first, out[cu[:-2].long()])
+
+
+def pair(model_type, lora, fuse):
+    """A padded model (first-token last layer) and its packed copy, same weights, dropout off."""
+    torch.manual_seed(0)
+    model = from_config(model_type, num_labels=3, config_overrides={**SMALL, "num_hidden_layers": 3,
+                                                                    "attn_implementation": "sdpa"})
+    if lora:
+        inject_lora(model, target_modules=["*.query", "*.value"], dim=4, alpha=8, dropout=0.0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+            p.requires_grad = "lora_" in name or "classifier" in name
+    assert first_token_last_layer(model)
+    packed = copy.deepcopy(model)
+    if fuse:
+        assert fuse_frozen_qkv(packed, merge_adapters=True) == 2
+    assert pack_sequences(packed, max_length=12)
+    return model, packed
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+@pytest.mark.parametrize("lora,fuse", [(False, False), (True, False), (True, True)])
+def test_packed_batches_give_the_padded_logits_and_gradients(model_type, lora, fuse):
+    padded_model, packed_model = pair(model_type, lora, fuse)
+    ex = examples()
+    padded = PadCollator(pad_token_id=1)(ex)
+    packed = PackCollator(pad_token_id=1, position_offset=packed_position_offset(packed_model),
+                          pad_to_multiple_of=16)(ex)
+    assert packed["input_ids"].shape == (1, 48)  # 44 real tokens and 4 of filler, against 6 x 12 padded
+    labels = padded.pop("labels")
+    assert torch.equal(packed.pop("labels"), labels)
+    if model_type == "roberta":  # RoBERTa has one token type: its tokenizer gives none
+        for b in (padded, packed):
+            b.pop("token_type_ids")
+
+    padded_model.eval(), packed_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(packed_model(**packed).logits, padded_model(**padded).logits, rtol=1e-5, atol=1e-5)
+    padded_model.train(), packed_model.train()
+    for m, b in ((padded_model, padded), (packed_model, packed)):
+        torch.nn.functional.cross_entropy(m(**b).logits, labels).backward()
+    grads = {n: p.grad for n, p in packed_model.named_parameters() if p.grad is not None}
+    assert grads.keys() == {n for n, p in padded_model.named_parameters() if p.grad is not None} != set()
+    for name, p in padded_model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # and padded batches (evaluation, prediction) still run padded through the packed model
+    with torch.no_grad():
+        torch.testing.assert_close(packed_model(**padded).logits, padded_model(**padded).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_models_without_the_first_token_layer_are_not_packed():
+    model = from_config("bert", num_labels=2, config_overrides={**SMALL, "attn_implementation": "sdpa"})
+    assert not pack_sequences(model, max_length=12)
+    assert not any("forward" in vars(layer.attention.self) for layer in model.bert.encoder.layer)
+
+
+def train_losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_roberta"])
+def test_training_on_packed_sequences_follows_the_padded_run(tmp_path, synthetic_dir, model):
+    """The same batches (no length grouping in either run), dropout off: the packed run's loss curve is the
+    padded run's, and its training batches really were packed."""
+    runs = {}
+    for pack in ("true", "false"):
+        run_dir = tmp_path / pack
+        cfg = compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+            f"model={model}", f"compile.pack_sequences={pack}", "dataloader.group_by_length=false",
+            "step_scheduler.max_steps=12"])
+        trainer = build_trainer(cfg, run_dir)
+        first = next(iter(trainer.train_loader))
+        assert ("cu_seq_lens" in first) == (pack == "true")
+        if pack == "true":
+            assert first["input_ids"].shape[0] == 1 and first["input_ids"].shape[1] % 64 == 0
+        trainer.fit()
+        runs[pack] = train_losses(run_dir)
+    assert len(runs["true"]) == 3
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-4)
+
+
+def test_packing_is_off_on_cpu_by_default_and_length_grouping_follows_it(tmp_path, synthetic_dir):
+    trainer = build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, tmp_path)), tmp_path)
+    assert "cu_seq_lens" not in next(iter(trainer.train_loader))
+    assert trainer.train_loader.batch_sampler.group_by_length
+    packed = build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, tmp_path / "p") + [
+        "compile.pack_sequences=true"]), tmp_path / "p")
+    assert not packed.train_loader.batch_sampler.group_by_length
+
+
+def test_packing_a_model_that_cannot_be_packed_is_one_clear_error(tmp_path, synthetic_dir):
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [
+        "compile.pack_sequences=true", "model.first_token_last_layer=false"])
+    with pytest.raises(Exception, match="compile.pack_sequences=true needs a BERT-family encoder"):
+        build_trainer(cfg, tmp_path)
