@@ -290,10 +290,12 @@ def pack_sequences(model: PreTrainedModel, max_length: int) -> bool:
 
 
 def packed_position_offset(model: PreTrainedModel) -> int:
-    """The position id of a sequence's first token: RoBERTa-style embeddings count positions from
-    padding_idx + 1, BERT's from 0."""
-    padding_idx = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
-    return 0 if padding_idx is None else int(padding_idx) + 1
+    """The position id of a sequence's first token: RoBERTa-style embeddings (those that derive position
+    ids from the padding) count positions from padding_idx + 1, BERT's and ELECTRA's from 0."""
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if hasattr(embeddings, "create_position_ids_from_input_ids"):
+        return int(embeddings.padding_idx) + 1
+    return 0
 
 
 class _FlashVarlen(torch.autograd.Function):
