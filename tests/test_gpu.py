@@ -236,3 +236,21 @@ def test_packed_sequences_under_step_graphs_train_like_padded_eager(data, tmp_pa
     assert list(p_loss) == list(range(1, 13))
     for step in p_loss:  # the same batches; bf16 autocast in both, other kernels round differently
         assert p_loss[step] == pytest.approx(e_loss[step], rel=2e-2, abs=2e-3), step
+
+
+def test_capture_ahead_captures_every_shape_before_the_first_step_and_trains_the_same(data, tmp_path):
+    from seqcls.step_graph import shape_key
+    extra = ONE_MICRO_BATCH + ["compile.enabled=true", "checkpoint.enabled=false"]  # dropout on: masks must match
+    trainer = build_trainer(compose_cfg(overrides(data, tmp_path / "a", extra + ["compile.capture_ahead=true"])),
+                            tmp_path / "a")
+    shapes = {shape_key(b) for b in trainer.upcoming_shapes()}
+    at, inner = [], trainer.step_graphs._capture_micro
+    trainer.step_graphs._capture_micro = lambda batch: (at.append(trainer.step), inner(batch))[1]
+    trainer.fit()
+    assert len(shapes) >= 2 and set(trainer.step_graphs.micro) == shapes and at == [0] * len(shapes)
+    rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    ahead = {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+    _, lazy, _ = train(data, tmp_path / "l", extra)  # each shape captured at its first use
+    assert list(ahead) == list(lazy) == list(range(1, 13))
+    for step in ahead:  # the RNG is forked around every capture: the same dropout masks whenever it happens
+        assert ahead[step] == pytest.approx(lazy[step], rel=1e-3, abs=1e-4), step

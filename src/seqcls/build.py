@@ -426,6 +426,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         val_every_steps=cfg.step_scheduler.val_every_steps, ckpt_every_steps=cfg.step_scheduler.ckpt_every_steps,
         max_grad_norm=cfg.step_scheduler.max_grad_norm, autocast_dtype=amp_dtype,
         best_metric=best_metric, checkpointer=checkpointer, cuda_graphs=graphs,
+        capture_ahead=cfg.compile.capture_ahead,
         loggers=build_loggers(cfg, run_dir=run_dir, is_writer=dist_info.is_writer))
     if checkpointer is not None:
         resume(trainer, checkpointer, cfg.checkpoint.restore_from, run_dir)

@@ -257,10 +257,15 @@ class PadCollator:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(e["input_ids"]) for e in examples)
+    def padded_length(self, lengths: Sequence[int]) -> int:
+        """The length a batch of examples of these lengths is padded to."""
+        length = max(lengths)
         if self.pad_to_multiple_of:
             length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return length
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        length = self.padded_length([len(e["input_ids"]) for e in examples])
         batch: dict[str, torch.Tensor] = {}
         for key, pad in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
             if key in examples[0]:
@@ -286,11 +291,16 @@ class PackCollator:
         self.pad_token_id, self.position_offset = pad_token_id, position_offset
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        lengths = [len(e["input_ids"]) for e in examples]
+    def padded_length(self, lengths: Sequence[int]) -> int:
+        """The length of the row that examples of these lengths are packed into."""
         total = sum(lengths) + 1
         if self.pad_to_multiple_of:
             total = math.ceil(total / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return total
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(e["input_ids"]) for e in examples]
+        total = self.padded_length(lengths)
         fill = total - sum(lengths)
         start = self.position_offset
         batch = {"input_ids": [t for e in examples for t in e["input_ids"]] + [self.pad_token_id] * fill,
@@ -342,8 +352,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if epoch != self.epoch:
             self.epoch, self.yielded = epoch, 0
 
-    def global_batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+    def global_batches(self, epoch: Optional[int] = None) -> list[list[int]]:
+        """The global batches of ``epoch`` (default: the current one), in order."""
+        g = torch.Generator().manual_seed(self.seed + (self.epoch if epoch is None else epoch))
         perm = torch.randperm(len(self.lengths), generator=g).tolist()
         batches = [perm[i: i + self.global_batch] for i in range(0, self.steps_per_epoch * self.global_batch,
                                                                       self.global_batch)]
@@ -357,14 +368,18 @@ class GlobalBatchSampler(Sampler[list[int]]):
             batches = [batches[i] for i in order]
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def micro_batches(self, epoch: Optional[int] = None) -> list[list[int]]:
+        """This rank's micro-batches of ``epoch`` (default: the current one), in order; changes no state."""
         span = self.local * self.accum
         micro = []
-        for gb in self.global_batches():
+        for gb in self.global_batches(epoch):
             mine = gb[self.rank * span: (self.rank + 1) * span]
             micro.extend(mine[j: j + self.local] for j in range(0, span, self.local))
+        return micro
+
+    def __iter__(self) -> Iterator[list[int]]:
         start = self.yielded
-        for b in micro[start:]:
+        for b in self.micro_batches()[start:]:
             self.yielded += 1
             yield b
         self.epoch, self.yielded = self.epoch + 1, 0

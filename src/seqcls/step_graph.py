@@ -91,6 +91,15 @@ class StepGraphs:
         return loss_total, norm.clone()
 
     # ------------------------------------------------------------------ capture
+    def capture_ahead(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Capture the step of each batch's shape now rather than at its first use (the batches' values
+        only warm up and fill the static inputs; they train nothing)."""
+        if not self.ready:
+            self._setup()
+        for batch in batches:
+            if shape_key(batch) not in self.micro:
+                self._capture_micro(batch)
+
     def _setup(self) -> None:
         """Device learning rates, a warmed-up optimizer with its state as it was, and with accumulation
         the persistent gradients and the update graph (captured first, while the gradients are zero)."""

@@ -141,7 +141,8 @@ class Trainer:
                  grad_accum_steps: int, local_batch_size: int, steps_per_epoch: int, total_steps: int,
                  num_epochs: int, log_every_steps: int, val_every_steps: Optional[int],
                  ckpt_every_steps: Optional[int], max_grad_norm: Optional[float], autocast_dtype: Optional[torch.dtype],
-                 best_metric: str, checkpointer=None, loggers: Sequence[Any] = (), cuda_graphs: bool = False):
+                 best_metric: str, checkpointer=None, loggers: Sequence[Any] = (), cuda_graphs: bool = False,
+                 capture_ahead: bool = False):
         self.model, self.train_loader, self.val_loaders = model, train_loader, val_loaders
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.dist = device, dist_info
@@ -163,6 +164,7 @@ class Trainer:
         self.stop_requested = False
         self.stop_signal = None  # set by the caller: an object whose .requested turns True on SIGTERM/SIGUSR2
         self.step_graphs = None
+        self.capture_ahead = capture_ahead  # with step graphs: every shape's graph before the first step
         if cuda_graphs:  # the whole step as replayed CUDA graphs (seqcls.step_graph), built at the first step
             from seqcls.step_graph import StepGraphs
             self.step_graphs = StepGraphs(optimizer, forward_loss=self._forward_loss,
@@ -288,9 +290,36 @@ class Trainer:
         self.last_validation = first
         return first
 
+    def upcoming_shapes(self) -> list[dict[str, torch.Tensor]]:
+        """One collated micro-batch of each batch shape that the rest of the run trains on, in the order
+        the shapes first appear. The sampler's order is seeded and a batch's shape follows from its
+        examples' lengths (the collator's ``padded_length``), so this collates one batch a shape. Empty
+        for a collator that cannot tell (a collate_fn of the user's)."""
+        loader = self.train_loader
+        sampler, collate, rows = loader.batch_sampler, loader.collate_fn, loader.dataset
+        if not hasattr(collate, "padded_length"):
+            return []
+        left = (self.total_steps - self.step) * self.grad_accum_steps
+        epoch, skip = self.epoch, self.batches_into_epoch
+        first: dict[int, list[int]] = {}
+        while left > 0:
+            micro = sampler.micro_batches(epoch)[skip:self.steps_per_epoch * self.grad_accum_steps][:left]
+            if not micro:
+                break
+            for idx in micro:
+                first.setdefault(collate.padded_length([len(rows[i]["input_ids"]) for i in idx]), idx)
+            left -= len(micro)
+            epoch, skip = epoch + 1, 0
+        return [collate([rows[i] for i in idx]) for idx in first.values()]
+
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         start = time.time()
+        if self.capture_ahead and self.step_graphs is not None and self.step < self.total_steps:
+            self.model.train()
+            batches = self.upcoming_shapes()
+            self.step_graphs.capture_ahead(batches)
+            log.info("captured the step graphs of %d batch shapes ahead in %.1f s", len(batches), time.time() - start)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.dist.is_writer and sys.stderr.isatty()))
         self.last_validation: Optional[dict[str, float]] = None
