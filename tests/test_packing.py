@@ -152,3 +152,15 @@ def test_packing_a_model_that_cannot_be_packed_is_one_clear_error(tmp_path, synt
         "compile.pack_sequences=true", "model.first_token_last_layer=false"])
     with pytest.raises(Exception, match="compile.pack_sequences=true needs a BERT-family encoder"):
         build_trainer(cfg, tmp_path)
+
+
+def test_flash_kernels_are_used_only_where_they_run(monkeypatch):
+    from seqcls.models import flash_varlen_supported
+    cuda = torch.device("cuda")
+    assert not flash_varlen_supported(torch.device("cpu"), 64)
+    for capability, head_dim, expected in (((9, 0), 64, True), ((8, 0), 128, True), ((7, 5), 64, False),
+                                           ((9, 0), 60, False), ((9, 0), 512, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert flash_varlen_supported(cuda, head_dim) == expected, (capability, head_dim)
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm builds: not these kernels
+    assert not flash_varlen_supported(cuda, 64)

@@ -319,14 +319,21 @@ class _FlashVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+def flash_varlen_supported(device: torch.device, head_dim: int) -> bool:
+    """Whether torch's FlashAttention kernels run here: an NVIDIA GPU of compute capability 8.0 or newer
+    (Ampere, Hopper, ...) and a head size they compile for."""
+    return (device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+            and head_dim % 8 == 0 and head_dim <= 256)
+
+
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: torch.Tensor,
                      cu_k: torch.Tensor, max_q: int, max_k: int, *, dropout: float, scale: float) -> torch.Tensor:
     """Attention over packed sequences: query rows [cu_q[i], cu_q[i+1]) attend to key/value rows
     [cu_k[i], cu_k[i+1]) alone. query (Tq, heads, dim), key and value (Tk, heads, dim), cu_* int32
     (sequences + 1,), max_*: bounds on a sequence's length; returns (Tq, heads, dim). On CUDA in
-    bf16/fp16, FlashAttention's varlen kernels; elsewhere the same attention as SDPA with a
-    block-diagonal mask (memory quadratic in the packed length: for tests and small batches)."""
-    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+    bf16/fp16 where they run (flash_varlen_supported), FlashAttention's varlen kernels; elsewhere the
+    same attention as SDPA with a block-diagonal mask (memory quadratic in the packed length)."""
+    if query.dtype in (torch.bfloat16, torch.float16) and flash_varlen_supported(query.device, query.shape[-1]):
         return _FlashVarlen.apply(query, key, value, cu_q, cu_k, max_q, max_k, dropout, scale)
     seq_q = torch.searchsorted(cu_q[1:], torch.arange(query.shape[0], device=query.device, dtype=cu_q.dtype), right=True)
     seq_k = torch.searchsorted(cu_k[1:], torch.arange(key.shape[0], device=key.device, dtype=cu_k.dtype), right=True)
