@@ -164,3 +164,21 @@ def test_flash_kernels_are_used_only_where_they_run(monkeypatch):
         assert flash_varlen_supported(cuda, head_dim) == expected, (capability, head_dim)
     monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm builds: not these kernels
     assert not flash_varlen_supported(cuda, 64)
+
+
+@pytest.mark.parametrize("overrides,packed", [([], True), (["model.attn_implementation=eager"], False),
+                                              (["model.first_token_last_layer=false"], False),
+                                              (["precision=fp32"], False), (["dataloader.collate_fn._target_=x.Y"], False)])
+def test_packing_by_default_needs_a_flash_gpu_autocast_sdpa_and_the_first_token_layer(monkeypatch, overrides, packed):
+    """The null setting's decision, on a stand-in Hopper GPU (the model itself stays on the CPU)."""
+    from seqcls.build import autocast_dtype, build_model, use_packing
+    from seqcls.models import load_tokenizer
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cfg = compose_cfg(["model=tiny_roberta", "device=cuda"] + overrides)
+    cuda = torch.device("cuda")
+    model = build_model(cfg, load_tokenizer(cfg.model.tokenizer_name_or_path))
+    offset = use_packing(cfg, cuda, autocast_dtype(cfg.precision, cuda), model)
+    assert (offset is not None) == packed
+    if packed:  # RoBERTa counts positions from padding_idx + 1
+        assert offset == model.config.pad_token_id + 1
+        assert all("forward" in vars(layer.attention.self) for layer in model.roberta.encoder.layer[:-1])

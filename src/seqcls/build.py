@@ -187,7 +187,8 @@ def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch
     """compile.pack_sequences: packs the model's training sequences (seqcls.models.pack_sequences) and
     returns the position id of a sequence's first token for the PackCollator, or None when batches stay
     padded. null: on under bf16/fp16 autocast on a GPU that runs FlashAttention's kernels, with the
-    default collator, where the model qualifies."""
+    default collator and HF's sdpa attention (model.attn_implementation=eager asks for eager attention),
+    where the model qualifies."""
     from seqcls.models import flash_varlen_supported, pack_sequences, packed_position_offset
     setting = cfg.compile.pack_sequences
     default_collator = cfg.dataloader.collate_fn.get("_target_") == "seqcls.data.PadCollator"
@@ -195,7 +196,7 @@ def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch
         config = getattr(model, "config", None)
         head_dim = getattr(config, "hidden_size", 0) // max(1, getattr(config, "num_attention_heads", 1))
         if not (amp_dtype in (torch.bfloat16, torch.float16) and default_collator
-                and flash_varlen_supported(device, head_dim)):
+                and getattr(config, "_attn_implementation", None) == "sdpa" and flash_varlen_supported(device, head_dim)):
             return None
     elif not setting:
         return None
