@@ -294,8 +294,8 @@ class CompileConfig:
     within each example by FlashAttention's variable-length kernels, so every matrix multiply runs on
     real tokens only (seqcls.models.pack_sequences). For BERT-family encoders with
     model.first_token_last_layer. null: on under bf16/fp16 autocast on GPUs that run FlashAttention
-    (NVIDIA, compute capability 8.0 or newer) where the model qualifies; true elsewhere runs a
-    reference attention whose memory grows with the square of the batch's tokens.
+    (NVIDIA, compute capability 8.0 or newer) with HF's sdpa attention, where the model qualifies;
+    true elsewhere runs a reference attention whose memory grows with the square of the batch's tokens.
     Evaluation and prediction stay padded."""
     pack_bucket: int = 64
     """A packed batch is filled up to a multiple of this many tokens (few shapes, few graphs)."""
