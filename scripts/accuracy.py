@@ -4,6 +4,7 @@
     python scripts/accuracy.py                       # MiniLM full fine-tune, the demo's settings
     python scripts/accuracy.py --impl hf --epochs 1
     python scripts/accuracy.py --seeds 42,1,2       # each seed, then the mean over seeds
+    python scripts/accuracy.py --impl seqcls --seqcls-override dataloader.group_by_length=false
 
 Both fine-tune all-MiniLM-L6-v2 (the installed package's weights) on GLUE MRPC train from ../shared/data
 and evaluate on its 408 dev pairs: AdamW (lr, weight decay), batch 32, linear decay after a 6% warm-up,
@@ -31,7 +32,7 @@ def run_seqcls(args, out: Path) -> dict:
            f"step_scheduler.num_epochs={args.epochs}", f"step_scheduler.global_batch_size={args.batch}",
            f"step_scheduler.local_batch_size={args.batch}", "step_scheduler.log_every_steps=50",
            "lr_scheduler=linear", f"lr_scheduler.warmup_ratio={args.warmup_ratio}", f"seed={args.seed}",
-           "checkpoint.save_consolidated=false", f"run_dir={out}"]
+           "checkpoint.save_consolidated=false", f"run_dir={out}", *args.seqcls_override]
     subprocess.run(cmd, check=True, cwd=REPO)
     r = json.loads((out / "results.json").read_text())
     return {"accuracy": r["final"]["accuracy"], "f1": r["final"]["f1"], "steps": r["steps"]}
@@ -90,6 +91,8 @@ def main():
     ap.add_argument("--warmup-ratio", type=float, default=0.06)
     ap.add_argument("--seeds", default="42", help="comma list: each implementation runs once per seed")
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "mrpc")
+    ap.add_argument("--seqcls-override", action="append", default=[],
+                    help="extra Hydra override for the seqcls runs (repeatable), e.g. dataloader.group_by_length=false")
     args = ap.parse_args()
     args.data_dir = args.data_dir.resolve()
     rows = []
