@@ -8,7 +8,8 @@ Each implementation runs in its own subprocess (clean peak-memory numbers, no sh
 caches) on MRPC's train split (real sentence pairs, so the real length distribution). The table
 gives samples/s over the timed steps, the median of their logged windows' rates (seqcls; a window
 in which a new batch shape's step graph is captured runs slower), real (unpadded) tokens/s, MFU on
-real tokens, peak GPU memory and the ratio to HF Trainer (on samples/s over the timed steps). roberta_large is built from its config with random weights (no hub needed).
+real tokens, peak GPU memory and the ratio to HF Trainer (on samples/s over the timed steps).
+roberta_large is built from its config with random weights (no hub needed).
 """
 
 from __future__ import annotations

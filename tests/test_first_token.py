@@ -51,19 +51,21 @@ def test_same_logits_and_gradients_as_the_whole_layer(model_type, attn, lora):
     assert_same_logits_and_gradients(fast, whole, inputs, labels)
 
 
-def assert_same_logits_and_gradients(fast, reference, inputs, labels):
-    """Eval logits to 1e-6, then one backward each: the same parameters get gradients, of equal values."""
+def assert_same_logits_and_gradients(fast, reference, inputs, labels, *, fast_inputs=None, atol=1e-6):
+    """Eval logits to ``atol``, then one backward each: the same parameters get gradients, of equal values.
+    ``fast_inputs``: what the fast model reads instead of ``inputs`` (the same batch in another layout)."""
+    fast_inputs = inputs if fast_inputs is None else fast_inputs
     reference.eval(), fast.eval()
     with torch.no_grad():
-        torch.testing.assert_close(fast(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast(**fast_inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=atol)
     reference.train(), fast.train()
-    for m in (reference, fast):
-        torch.nn.functional.cross_entropy(m(**inputs).logits, labels).backward()
+    for m, b in ((reference, inputs), (fast, fast_inputs)):
+        torch.nn.functional.cross_entropy(m(**b).logits, labels).backward()
     grads = {n: p.grad for n, p in fast.named_parameters() if p.grad is not None}
     assert grads.keys() == {n for n, p in reference.named_parameters() if p.grad is not None} != set()
     for name, p in reference.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=atol, msg=name)
 
 
 def test_dropout_in_the_fast_layer_follows_train_and_eval_mode():

@@ -13,7 +13,7 @@ from seqcls.lora import inject_lora
 from seqcls.models import (first_token_last_layer, from_config, fuse_frozen_qkv, pack_sequences,
                            packed_position_offset, varlen_attention)
 from tests.conftest import compose_cfg, synthetic_overrides
-from tests.test_first_token import SMALL
+from tests.test_first_token import SMALL, assert_same_logits_and_gradients
 
 
 def examples(seed=0, lengths=(12, 3, 7, 12, 1, 9)):
@@ -90,17 +90,7 @@ def test_packed_batches_give_the_padded_logits_and_gradients(model_type, lora, f
         for b in (padded, packed):
             b.pop("token_type_ids")
 
-    padded_model.eval(), packed_model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(packed_model(**packed).logits, padded_model(**padded).logits, rtol=1e-5, atol=1e-5)
-    padded_model.train(), packed_model.train()
-    for m, b in ((padded_model, padded), (packed_model, packed)):
-        torch.nn.functional.cross_entropy(m(**b).logits, labels).backward()
-    grads = {n: p.grad for n, p in packed_model.named_parameters() if p.grad is not None}
-    assert grads.keys() == {n for n, p in padded_model.named_parameters() if p.grad is not None} != set()
-    for name, p in padded_model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_logits_and_gradients(packed_model, padded_model, padded, labels, fast_inputs=packed, atol=1e-5)
     # and padded batches (evaluation, prediction) still run padded through the packed model
     with torch.no_grad():
         torch.testing.assert_close(packed_model(**padded).logits, padded_model(**padded).logits, rtol=1e-5, atol=1e-5)
