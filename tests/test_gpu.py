@@ -124,17 +124,20 @@ def test_step_graphs_resume_with_the_same_dropout_and_optimizer_state(data, tmp_
         assert (par_b[name] - ref_par[name]).abs().max() < 2e-3, name
 
 
-def test_lora_under_step_graphs_trains_only_adapters_and_head(data, tmp_path):
-    trainer, losses, params = train(data, tmp_path / "l", ["peft=lora", "compile.enabled=true", "optimizer.lr=5e-3",
-                                                           "checkpoint.enabled=false"])
+def test_lora_under_step_graphs_trains_only_adapters_and_head_like_eager(data, tmp_path):
+    lora = NO_DROPOUT + ["peft=lora", "peft.dropout=0.0", "optimizer.lr=5e-3", "checkpoint.enabled=false"]
+    trainer, losses, params = train(data, tmp_path / "l", lora + ["compile.enabled=true"])
     assert trainer.step_graphs is not None
-    start = build_trainer(compose_cfg(overrides(data, tmp_path / "s", ["peft=lora", "checkpoint.enabled=false",
-                                                                       "compile.enabled=false"])),
+    eager, e_losses, _ = train(data, tmp_path / "e", lora + ["compile.enabled=false"])
+    assert eager.step_graphs is None
+    assert list(losses) == list(range(1, 13))
+    for step in losses:  # bf16 adapters and autocast in both; compiled kernels round differently
+        assert losses[step] == pytest.approx(e_losses[step], rel=2e-2, abs=2e-3), step
+    start = build_trainer(compose_cfg(overrides(data, tmp_path / "s", lora + ["compile.enabled=false"])),
                           tmp_path / "s").model
     for name, p in start.named_parameters():
         changed = not torch.equal(params[name], p.detach().float().cpu())
         assert changed == p.requires_grad, name
-    assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3))
 
 
 def test_compiled_master_weight_update_matches_eager_and_replays_in_a_cuda_graph():

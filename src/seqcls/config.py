@@ -299,10 +299,12 @@ class CompileConfig:
     Evaluation and prediction stay padded."""
     pack_bucket: int = 64
     """A packed batch is filled up to a multiple of this many tokens (few shapes, few graphs)."""
-    capture_ahead: bool = False
+    capture_ahead: bool = True
     """With step graphs: capture the step of every batch shape the run will meet before its first step
     (the sampler's order is seeded, so the shapes are known), instead of at each shape's first use, where
-    a capture stalls training for a moment (~0.2-0.3 s for roberta-large). The same training either way."""
+    a capture stalls training for a moment (~0.2-0.3 s for roberta-large). The same training and the same
+    graphs either way; false spreads the captures over the run. On an H200 (roberta-large b32, packed) the
+    rate over a bench's timed steps then equals its median 10-step window (docs/benchmarks.md)."""
     combo_kernels: Optional[bool] = None
     """Inductor launches independent small kernels of a compiled block as one (its combo_kernels option),
     so a step launches fewer kernels. null: on for CUDA, off on CPU (where inductor's C++ kernels gain
