@@ -253,7 +253,8 @@ def test_capture_ahead_captures_every_shape_before_the_first_step_and_trains_the
     assert len(shapes) >= 2 and set(trainer.step_graphs.micro) == shapes and at == [0] * len(shapes)
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     ahead = {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
-    _, lazy, _ = train(data, tmp_path / "l", extra)  # each shape captured at its first use
+    lazy_run, lazy, _ = train(data, tmp_path / "l", extra + ["compile.capture_ahead=false"])  # at first use
+    assert set(lazy_run.step_graphs.micro) == shapes
     assert list(ahead) == list(lazy) == list(range(1, 13))
     for step in ahead:  # the RNG is forked around every capture: the same dropout masks whenever it happens
         assert ahead[step] == pytest.approx(lazy[step], rel=1e-3, abs=1e-4), step
