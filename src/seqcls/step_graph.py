@@ -178,8 +178,9 @@ class StepGraphs:
                 if self.one_graph:  # the update was warmed up in _setup (lr 0, state put back)
                     norm = self._update_body()
         self.micro[shape_key(batch)] = (graph, static, loss, norm)
-        log.info("captured the training step for batch shape %s (%d shapes so far)",
-                 "x".join(map(str, batch["input_ids"].shape)), len(self.micro))
+        log.info("captured the training step for batch shape %s (%d shapes so far; %.2f GiB allocated, "
+                 "%.2f GiB reserved)", "x".join(map(str, batch["input_ids"].shape)), len(self.micro),
+                 torch.cuda.memory_allocated(self.device) / 2**30, torch.cuda.memory_reserved(self.device) / 2**30)
         return graph, static, loss, norm
 
     def _warm_up(self, fn: Callable[[], object]) -> None:
