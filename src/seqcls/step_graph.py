@@ -58,6 +58,7 @@ class StepGraphs:
                                       Optional[torch.Tensor]]] = {}
         self.update: Optional[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = None
         self.pool = None
+        self.side_stream: Optional[torch.cuda.Stream] = None  # warm-ups and captures run here
         self.ready = False
         self.grads_zero = True  # no micro-batch accumulated since the last update
 
@@ -111,6 +112,10 @@ class StepGraphs:
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in self.params]
         self.pool = torch.cuda.graph_pool_handle()
+        # One side stream for every warm-up and capture: cuBLAS and cuBLASLt keep a workspace (32 MiB
+        # each on Hopper) for each stream they run on, for the life of the process, so a stream a shape
+        # would hold ~64 MiB more GPU memory a captured shape.
+        self.side_stream = torch.cuda.Stream(self.device)
         self.ready = True
 
         saved_lr = [g["lr"].clone() for g in self.optimizer.param_groups]
@@ -133,7 +138,7 @@ class StepGraphs:
                 self.grads = []
                 return
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.side_stream):
                 norm = self._update_body()
         self.update = (graph, norm)
 
@@ -173,7 +178,7 @@ class StepGraphs:
                     torch._foreach_copy_(self.grads, kept)
                     del kept
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.side_stream):
                 loss = self._micro_body(static)
                 if self.one_graph:  # the update was warmed up in _setup (lr 0, state put back)
                     norm = self._update_body()
@@ -184,7 +189,7 @@ class StepGraphs:
         return graph, static, loss, norm
 
     def _warm_up(self, fn: Callable[[], object]) -> None:
-        stream = torch.cuda.Stream(self.device)
+        stream = self.side_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(self.warmup_iters):
