@@ -4,14 +4,19 @@
     python scripts/bench_attention.py --data-dir ../shared/data/mrpc --batch 32,256
 
 The batches are the ones training would see: MRPC train tokenised, grouped by length by seqcls's
-sampler, padded to a multiple of --bucket. Per batch, each variant is captured in a CUDA graph (as the
+sampler, padded to a multiple of --bucket (``--random-batches``: not grouped by length, as packed
+training draws them). Per batch, each variant is captured in a CUDA graph (as the
 training step is) and replayed; the table gives the mean milliseconds per layer over --batches batches.
 
 Variants (roberta-large's 16 heads of 64; query/key/value as views of one fused projection):
 - sdpa cudnn / efficient + mask: what training runs, with the boolean padding mask;
 - sdpa cudnn / flash, no mask: the same padded shapes without a mask; wrong on padded batches, shown
   as the price of the mask;
-- flash varlen, packed: FlashAttention's variable-length kernel on the real tokens only (cu_seqlens);
+- flash varlen, packed: FlashAttention's variable-length kernel on the real tokens only (cu_seqlens),
+  what packed training runs;
+- efficient varlen, packed: the memory-efficient (CUTLASS) kernel's variable-length mode on the same
+  packed tokens; its tiles are 64 rows where FlashAttention's backward uses 128, and MRPC's examples are
+  ~53 tokens long;
 - flash varlen, gather/scatter: the same, taking the real tokens out of the padded projection and
   putting the output back (what it would cost inside a padded model).
 """
@@ -37,6 +42,8 @@ def main():
     ap.add_argument("--layers", type=int, default=24, help="for the per-step column")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--random-batches", action="store_true",
+                    help="batches not grouped by length (what packed training draws)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--data-dir", default=None, help="GLUE MRPC TSV folder (default ../shared/data/mrpc)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the MiniLM package's)")
@@ -69,6 +76,23 @@ def main():
             dq, dk, dv = aten._flash_attention_backward(grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len,
                                                         ctx.max_len, ctx.p, False, rng, unused)
             return dq, dk, dv, None, None, None
+
+    class EfficientVarlen(torch.autograd.Function):  # the memory-efficient kernel's varlen mode, with dropout
+        @staticmethod
+        def forward(ctx, q, k, v, cu, max_len, p):
+            out, lse, seed, offset, _, _ = aten._efficient_attention_forward(
+                q[None], k[None], v[None], None, cu, cu, max_len, max_len, p, 0, True)
+            ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+            ctx.max_len, ctx.p = max_len, p
+            return out[0]
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+            dq, dk, dv, _ = aten._efficient_attention_backward(
+                grad[None].contiguous(), q[None], k[None], v[None], None, out, cu, cu, ctx.max_len, ctx.max_len,
+                lse, ctx.p, seed, offset, 0, False)
+            return dq[0], dk[0], dv[0], None, None, None
 
     def replay_ms(step) -> float:
         side = torch.cuda.Stream()
@@ -110,8 +134,11 @@ def main():
                 return torch.autograd.grad(out, qkv, g_pad)
             return step
 
-        def varlen_packed():
-            return torch.autograd.grad(Varlen.apply(packed[:, 0], packed[:, 1], packed[:, 2], cu, L, p), packed, g_packed)
+        def varlen_packed(kernel=Varlen):
+            def step():
+                return torch.autograd.grad(kernel.apply(packed[:, 0], packed[:, 1], packed[:, 2], cu, L, p), packed,
+                                           g_packed)
+            return step
 
         def varlen_gather():
             x = qkv.reshape(B * L, 3, H, D).index_select(0, idx)
@@ -123,7 +150,8 @@ def main():
                 "sdpa efficient + mask": sdpa(SDPBackend.EFFICIENT_ATTENTION, True),
                 "sdpa cudnn, no mask": sdpa(SDPBackend.CUDNN_ATTENTION, False),
                 "sdpa flash, no mask": sdpa(SDPBackend.FLASH_ATTENTION, False),
-                "flash varlen, packed": varlen_packed,
+                "flash varlen, packed": varlen_packed(),
+                "efficient varlen, packed": varlen_packed(EfficientVarlen),
                 "flash varlen, gather/scatter": varlen_gather}, (qkv, keep, idx, cu, L)
 
     # The varlen kernel computes what the masked kernel computes (no dropout): compare on real tokens.
@@ -135,21 +163,27 @@ def main():
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
         ref = ref.transpose(1, 2).reshape(B * L, H, D)[idx]
         x = qkv.reshape(B * L, 3, H, D)[idx]
-        diff = (Varlen.apply(x[:, 0], x[:, 1], x[:, 2], cu, L, 0.0).float() - ref.float()).abs().max().item()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; varlen vs masked sdpa on real tokens, "
-          f"no dropout: max abs diff {diff:.2e}")
+        diff = {k.__name__: (k.apply(x[:, 0], x[:, 1], x[:, 2], cu, L, 0.0).float() - ref.float()).abs().max().item()
+                for k in (Varlen, EfficientVarlen)}
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; varlen kernels vs masked sdpa on real tokens, "
+          f"no dropout, max abs diff: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
 
     print(f"| batch | variant | dropout | ms a layer (fwd+bwd) | x{args.layers} layers |")
     print("|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch.split(",")):
-        sampler = GlobalBatchSampler(lengths, local_batch_size=batch, grad_accum_steps=1)
+        sampler = GlobalBatchSampler(lengths, local_batch_size=batch, grad_accum_steps=1,
+                                     group_by_length=not args.random_batches)
         batches = [[lengths[i] for i in b] for b in list(sampler)[:args.batches]]
         for p in sorted({args.dropout, 0.0}, reverse=True):
             total: dict[str, float] = {}
             for lens in batches:
                 steps, _ = variants(lens, p)
                 for name, step in steps.items():
-                    total[name] = total.get(name, 0.0) + replay_ms(step)
+                    try:
+                        total[name] = total.get(name, 0.0) + replay_ms(step)
+                    except RuntimeError as e:  # a kernel this GPU or torch build lacks: report it, time the rest
+                        print(f"{name} failed: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+                        total[name] = float("nan")
                 torch.cuda.empty_cache()
             for name, ms in total.items():
                 ms /= len(batches)
