@@ -299,7 +299,7 @@ class CompileConfig:
     Evaluation and prediction stay padded."""
     pack_bucket: int = 16
     """A packed batch is filled up to a multiple of this many tokens (few shapes, few graphs; less filler
-    the smaller it is). On an H200, roberta-large b32 on MRPC: 16 ran LoRA 2.7% and full FT 1.5% faster
+    the smaller it is). On an H200, roberta-large b32 on MRPC: 16 ran LoRA 2.4-2.7% and full FT 1.5% faster
     than 64 at the same peak memory, since the graphs of all shapes share one memory pool and one
     side stream (docs/benchmarks.md)."""
     capture_ahead: bool = True
