@@ -16,7 +16,10 @@ Variants (roberta-large's 16 heads of 64; query/key/value as views of one fused 
   what packed training runs;
 - efficient varlen, packed: the memory-efficient (CUTLASS) kernel's variable-length mode on the same
   packed tokens; its tiles are 64 rows where FlashAttention's backward uses 128, and MRPC's examples are
-  ~53 tokens long;
+  ~53 tokens long. With dropout its backward does not replay the forward's mask (tests/test_gpu.py), so
+  its dropout rows time a wrong computation and seqcls runs it only without attention dropout;
+- efficient varlen, packed, one q/k/v gradient: the same writing the gradient of the fused projection
+  as one tensor (seqcls.models._EfficientVarlenQKV), what packed training runs without attention dropout;
 - flash varlen, gather/scatter: the same, taking the real tokens out of the padded projection and
   putting the output back (what it would cost inside a padded model).
 """
@@ -56,43 +59,12 @@ def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoTokenizer
     from seqcls.data import GlobalBatchSampler
+    from seqcls.models import _EfficientVarlen, _EfficientVarlenQKV, _FlashVarlen
 
     data, tok = default_paths(args)
     lengths = [len(e["input_ids"]) for e in load_examples(data, AutoTokenizer.from_pretrained(tok), args.max_length)]
     H, D, dev = args.heads, args.head_dim, torch.device("cuda")
-    aten = torch.ops.aten
-
-    class Varlen(torch.autograd.Function):  # FlashAttention's varlen kernels, with dropout
-        @staticmethod
-        def forward(ctx, q, k, v, cu, max_len, p):
-            out, lse, rng, unused, _ = aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, p, False, False)
-            ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
-            ctx.max_len, ctx.p = max_len, p
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
-            dq, dk, dv = aten._flash_attention_backward(grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len,
-                                                        ctx.max_len, ctx.p, False, rng, unused)
-            return dq, dk, dv, None, None, None
-
-    class EfficientVarlen(torch.autograd.Function):  # the memory-efficient kernel's varlen mode, with dropout
-        @staticmethod
-        def forward(ctx, q, k, v, cu, max_len, p):
-            out, lse, seed, offset, _, _ = aten._efficient_attention_forward(
-                q[None], k[None], v[None], None, cu, cu, max_len, max_len, p, 0, True)
-            ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
-            ctx.max_len, ctx.p = max_len, p
-            return out[0]
-
-        @staticmethod
-        def backward(ctx, grad):
-            q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
-            dq, dk, dv, _ = aten._efficient_attention_backward(
-                grad[None].contiguous(), q[None], k[None], v[None], None, out, cu, cu, ctx.max_len, ctx.max_len,
-                lse, ctx.p, seed, offset, 0, False)
-            return dq[0], dk[0], dv[0], None, None, None
+    scale = D ** -0.5
 
     def replay_ms(step) -> float:
         side = torch.cuda.Stream()
@@ -134,15 +106,19 @@ def main():
                 return torch.autograd.grad(out, qkv, g_pad)
             return step
 
-        def varlen_packed(kernel=Varlen):
+        def varlen_packed(kernel=_FlashVarlen):
             def step():
-                return torch.autograd.grad(kernel.apply(packed[:, 0], packed[:, 1], packed[:, 2], cu, L, p), packed,
-                                           g_packed)
+                out = kernel.apply(packed[:, 0], packed[:, 1], packed[:, 2], cu, cu, L, L, p, scale)
+                return torch.autograd.grad(out, packed, g_packed)
             return step
+
+        def varlen_one_gradient():
+            out = _EfficientVarlenQKV.apply(packed.view(T, 3 * H * D), D, cu, L, p, scale)
+            return torch.autograd.grad(out, packed, g_packed)
 
         def varlen_gather():
             x = qkv.reshape(B * L, 3, H, D).index_select(0, idx)
-            out = Varlen.apply(x[:, 0], x[:, 1], x[:, 2], cu, L, p).reshape(T, H * D)
+            out = _FlashVarlen.apply(x[:, 0], x[:, 1], x[:, 2], cu, cu, L, L, p, scale).reshape(T, H * D)
             ctx = out.new_zeros(B * L, H * D).index_copy(0, idx, out).view(B, L, H * D)
             return torch.autograd.grad(ctx, qkv, g_ctx)
 
@@ -151,7 +127,8 @@ def main():
                 "sdpa cudnn, no mask": sdpa(SDPBackend.CUDNN_ATTENTION, False),
                 "sdpa flash, no mask": sdpa(SDPBackend.FLASH_ATTENTION, False),
                 "flash varlen, packed": varlen_packed(),
-                "efficient varlen, packed": varlen_packed(EfficientVarlen),
+                "efficient varlen, packed": varlen_packed(_EfficientVarlen),
+                "efficient varlen, packed, one q/k/v gradient": varlen_one_gradient,
                 "flash varlen, gather/scatter": varlen_gather}, (qkv, keep, idx, cu, L)
 
     # The varlen kernel computes what the masked kernel computes (no dropout): compare on real tokens.
@@ -163,8 +140,8 @@ def main():
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
         ref = ref.transpose(1, 2).reshape(B * L, H, D)[idx]
         x = qkv.reshape(B * L, 3, H, D)[idx]
-        diff = {k.__name__: (k.apply(x[:, 0], x[:, 1], x[:, 2], cu, L, 0.0).float() - ref.float()).abs().max().item()
-                for k in (Varlen, EfficientVarlen)}
+        diff = {k.__name__: (k.apply(x[:, 0], x[:, 1], x[:, 2], cu, cu, L, L, 0.0, scale).float() - ref.float()
+                             ).abs().max().item() for k in (_FlashVarlen, _EfficientVarlen)}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; varlen kernels vs masked sdpa on real tokens, "
           f"no dropout, max abs diff: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
 

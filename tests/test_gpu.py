@@ -207,8 +207,9 @@ def test_fsdp2_on_one_gpu_with_compiled_blocks_trains_like_unsharded_eager(data,
         assert f_loss[step] == pytest.approx(e_loss[step], rel=3e-2, abs=3e-3), step
 
 
-def test_flash_varlen_attention_matches_the_reference_forward_and_backward():
-    from seqcls.models import varlen_attention
+@pytest.mark.parametrize("kernel", ["flash", "efficient"])
+def test_varlen_attention_kernels_match_the_reference_forward_and_backward(kernel):
+    from seqcls.models import varlen_attention, varlen_self_attention
     torch.manual_seed(0)
     dev = torch.device("cuda")
     cu = torch.tensor([0, 37, 38, 101, 128], dtype=torch.int32, device=dev)
@@ -217,21 +218,81 @@ def test_flash_varlen_attention_matches_the_reference_forward_and_backward():
         x = [torch.randn(128, 4, 64, device=dev) for _ in range(3)]
         grad = torch.randn(len(rows), 4, 64, device=dev)
         outs, grads = [], []
-        for dtype in (torch.bfloat16, torch.float32):  # bf16: FlashAttention's kernels; fp32: the reference
+        for dtype in (torch.bfloat16, torch.float32):  # bf16: the GPU kernel; fp32: the reference
             q, k, v = (t.to(dtype).requires_grad_() for t in (x[0][rows], x[1], x[2]))
-            out = varlen_attention(q, k, v, cu_q, cu, max_q, 63, dropout=0.0, scale=0.125)
+            out = varlen_attention(q, k, v, cu_q, cu, max_q, 63, dropout=0.0, scale=0.125, kernel=kernel)
             out.backward(grad.to(dtype))
             outs.append(out.float())
             grads.append([t.grad.float() for t in (q, k, v)])
         torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
-        for g_flash, g_ref in zip(*grads):
-            torch.testing.assert_close(g_flash, g_ref, rtol=5e-2, atol=5e-2)
+        for g_kernel, g_ref in zip(*grads):
+            torch.testing.assert_close(g_kernel, g_ref, rtol=5e-2, atol=5e-2)
+    # Query, key and value as the thirds of one tensor (a fused projection): the gradient of that tensor.
+    qkv_grads, grad = [], torch.randn(128, 4, 64, device=dev)
+    for dtype in (torch.bfloat16, torch.float32):
+        qkv = torch.cat([t.detach().reshape(128, -1) for t in x], dim=-1).to(dtype).requires_grad_()
+        varlen_self_attention(qkv, 64, cu, 63, dropout=0.0, scale=0.125, kernel=kernel).backward(grad.to(dtype))
+        qkv_grads.append(qkv.grad.float())
+    torch.testing.assert_close(qkv_grads[0], qkv_grads[1], rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
-def test_packed_sequences_under_step_graphs_train_like_padded_eager(data, tmp_path, peft):
+@pytest.mark.parametrize("kernel", ["flash", "efficient"])
+def test_varlen_attention_dropout_backward_replays_the_forward_mask_in_cuda_graphs(kernel):
+    """With value rows one-hot (v[j] = e_j within a sequence) the output is the dropped-out attention
+    matrix P itself, and the value gradient must be P^T @ grad: the backward drew the forward's mask.
+    Each graph replay draws a new mask. kernel=efficient asks for the memory-efficient kernel, whose
+    backward fails this (it draws another mask); with dropout FlashAttention's must run instead."""
+    from seqcls.models import varlen_attention
+    torch.manual_seed(0)
+    dev, heads, dim, p = torch.device("cuda"), 2, 64, 0.5
+    lens = [37, 1, 63, 27]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    T = sum(lens)
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev))
+    pos = torch.arange(T, device=dev) - cu[:-1].long()[seq]
+    q = torch.randn(T, heads, dim, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(T, heads, dim, device=dev, dtype=torch.bfloat16)
+    v = torch.nn.functional.one_hot(pos, dim).to(torch.bfloat16)[:, None].expand(T, heads, dim).contiguous()
+    v.requires_grad_()
+    grad = torch.randn(T, heads, dim, device=dev, dtype=torch.bfloat16)
+    out = torch.empty(T, heads, dim, device=dev, dtype=torch.bfloat16)
+    dv = torch.empty_like(out)
+
+    def step():
+        v.grad = None
+        o = varlen_attention(q, k, v, cu, cu, 63, 63, dropout=p, scale=0.125, kernel=kernel)
+        o.backward(grad)
+        out.copy_(o.detach())
+        dv.copy_(v.grad)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    masks = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        # P[i, j] for j in i's sequence: out[i, :, pos(j)]; zero across sequences.
+        same = seq[:, None] == seq[None, :]
+        P = out.float()[:, :, pos].permute(1, 0, 2) * same  # P[h, i, j] = out[i, h, pos(j)]
+        expect = torch.einsum("hij,ihd->jhd", P, grad.float())
+        torch.testing.assert_close(dv.float(), expect, rtol=3e-2, atol=3e-2)
+        dropped = (P == 0)[:, same].float().mean().item()
+        assert 0.4 < dropped < 0.6, dropped  # p of the weights dropped
+        masks.append(P != 0)
+    assert not torch.equal(masks[0], masks[1])  # each replay draws a new mask
+
+
+@pytest.mark.parametrize("peft,kernel", [("none", "auto"), ("lora", "flash"), ("lora", "efficient")])
+def test_packed_sequences_under_step_graphs_train_like_padded_eager(data, tmp_path, peft, kernel):
     extra = NO_DROPOUT + ONE_MICRO_BATCH + ["checkpoint.enabled=false", "dataloader.group_by_length=false",
-                                            f"peft={peft}"] + (["optimizer.lr=5e-3"] if peft == "lora" else [])
+                                            f"peft={peft}", f"compile.varlen_kernel={kernel}"] + (
+        ["optimizer.lr=5e-3"] if peft == "lora" else [])
     packed, p_loss, _ = train(data, tmp_path / "p", extra + ["compile.enabled=true"])
     padded, e_loss, _ = train(data, tmp_path / "e", extra + ["compile.enabled=false", "compile.pack_sequences=false"])
     assert "cu_seq_lens" in next(iter(packed.train_loader)) and "cu_seq_lens" not in next(iter(padded.train_loader))

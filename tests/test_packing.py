@@ -11,7 +11,7 @@ from seqcls.build import build_trainer
 from seqcls.data import PackCollator, PadCollator
 from seqcls.lora import inject_lora
 from seqcls.models import (first_token_last_layer, from_config, fuse_frozen_qkv, pack_sequences,
-                           packed_position_offset, varlen_attention)
+                           packed_position_offset, varlen_attention, varlen_self_attention)
 from tests.conftest import compose_cfg, synthetic_overrides
 from tests.test_first_token import SMALL, assert_same_logits_and_gradients
 
@@ -54,6 +54,31 @@ def test_varlen_attention_attends_within_each_sequence_only():
     cu_q = torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32)
     first = varlen_attention(q[cu[:-2].long()], k, v, cu_q, cu, 1, 4, dropout=0.0, scale=8 ** -0.5)
     torch.testing.assert_close(first, out[cu[:-2].long()])
+
+
+def test_self_attention_on_one_qkv_tensor_is_attention_on_its_thirds():
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 4, 5, 9, 11], dtype=torch.int32)
+    qkv = torch.randn(11, 3 * 2 * 8, requires_grad=True)
+    out = varlen_self_attention(qkv, 8, cu, 4, dropout=0.0, scale=8 ** -0.5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    parts = [t.detach().reshape(11, 2, 8).requires_grad_() for t in qkv.chunk(3, dim=-1)]
+    ref = varlen_attention(*parts, cu, cu, 4, 4, dropout=0.0, scale=8 ** -0.5)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(qkv.grad, torch.cat([p.grad.reshape(11, -1) for p in parts], dim=-1))
+
+
+def test_the_memory_efficient_kernel_runs_only_without_attention_dropout(monkeypatch):
+    """Its backward does not replay the forward's dropout mask on packed sequences (tests/test_gpu.py)."""
+    import seqcls.models as models
+    monkeypatch.setattr(models, "flash_varlen_supported", lambda device, head_dim: True)
+    query = torch.empty(16, 2, 64, dtype=torch.bfloat16, device="meta")
+    for kernel, dropout, expected in (("auto", 0.0, "efficient"), ("efficient", 0.0, "efficient"),
+                                      ("flash", 0.0, "flash"), ("auto", 0.1, "flash"), ("efficient", 0.1, "flash")):
+        assert models._varlen_kernel(query, dropout, kernel) == expected, (kernel, dropout)
+    assert models._varlen_kernel(query.float(), 0.0, "auto") is None  # fp32: the reference attention
 
 
 def pair(model_type, lora, fuse):

@@ -203,7 +203,7 @@ def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch
     elif not default_collator:
         raise ConfigError("compile.pack_sequences=true replaces the training collator, and dataloader.collate_fn "
                           "names another; drop one of the two")
-    if not pack_sequences(model, cfg.dataset.max_length):
+    if not pack_sequences(model, cfg.dataset.max_length, cfg.compile.varlen_kernel):
         if setting:
             raise ConfigError("compile.pack_sequences=true needs a BERT-family encoder (bert, roberta, xlm-roberta, "
                               "electra, camembert) with sdpa or eager attention and model.first_token_last_layer=true; "

@@ -291,7 +291,7 @@ class CompileConfig:
     """Pad each batch to a multiple of this when compiled: few shapes, few graphs."""
     pack_sequences: Optional[bool] = None
     """Train on packed sequences: each batch's examples laid end to end with no padding, attention kept
-    within each example by FlashAttention's variable-length kernels, so every matrix multiply runs on
+    within each example by variable-length attention kernels (varlen_kernel), so every matrix multiply runs on
     real tokens only (seqcls.models.pack_sequences). For BERT-family encoders with
     model.first_token_last_layer. null: on under bf16/fp16 autocast on GPUs that run FlashAttention
     (NVIDIA, compute capability 8.0 or newer) with HF's sdpa attention, where the model qualifies;
@@ -302,6 +302,12 @@ class CompileConfig:
     the smaller it is). On an H200, roberta-large b32 on MRPC: 16 ran LoRA 2.4-2.7% and full FT 1.5% faster
     than 64 at the same peak memory, since the graphs of all shapes share one memory pool and one
     side stream (docs/benchmarks.md)."""
+    varlen_kernel: str = "auto"
+    """The attention kernel of packed sequences (seqcls.models.varlen_attention). auto (or efficient): the
+    memory-efficient kernel's varlen mode where the model has no attention dropout (its backward uses
+    smaller tiles and, for a fused query/key/value, writes their gradient as one tensor), FlashAttention's
+    varlen kernels where it has (the efficient kernel's backward does not replay the forward's dropout
+    mask on packed sequences). flash: FlashAttention's always."""
     capture_ahead: bool = True
     """With step graphs: capture the step of every batch shape the run will meet before its first step
     (the sampler's order is seeded, so the shapes are known), instead of at each shape's first use, where
@@ -339,6 +345,8 @@ class CompileConfig:
         _check(self.scope in ("model", "blocks"), f"compile.scope must be model or blocks, got {self.scope!r}")
         _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")
         _check(self.pack_bucket >= 1, f"compile.pack_bucket must be >= 1, got {self.pack_bucket}")
+        _check(self.varlen_kernel in ("auto", "flash", "efficient"),
+               f"compile.varlen_kernel must be auto, flash or efficient, got {self.varlen_kernel!r}")
 
 
 @dataclass

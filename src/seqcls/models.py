@@ -185,7 +185,8 @@ def _first_token_packed(layer, attn, hidden_states, cu_seq_lens):
                          ((attn.query, first), (attn.key, rows), (attn.value, rows)))
     cu_q = torch.arange(n + 2, device=rows.device, dtype=cu_seq_lens.dtype).clamp_(max=n)
     context = varlen_attention(query, key, value, cu_q, cu_seq_lens, 1, attn.packed_max_length,
-                               dropout=attn.dropout.p if attn.training else 0.0, scale=attn.scaling)
+                               dropout=attn.dropout.p if attn.training else 0.0, scale=attn.scaling,
+                               kernel=getattr(attn, "varlen_kernel", "auto"))
     first = first[:, None]
     attention_output = layer.attention.output(context.reshape(n, 1, -1), first)
     return layer.feed_forward_chunk(attention_output)
@@ -250,40 +251,50 @@ def _self_attention_forward(attn, hidden_states, attention_mask=None, *args, **k
     input_shape = hidden_states.shape[:-1]
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])
     fused = getattr(attn, "fused_qkv", None)
+    qkv = None  # query, key and value as one tensor's thirds, where they come from one
     if fused is None:
         parts = [attn.query(rows), attn.key(rows), attn.value(rows)]
     else:
         weight, bias, adapters, merged = fused
         qkv = F.linear(rows, weight, bias)
         if merged:
-            parts = add_merged_lora(qkv, rows, adapters).chunk(3, dim=-1)
-        else:
+            qkv = add_merged_lora(qkv, rows, adapters)
+        elif any(a is not None for a in adapters):
             parts = [p if a is None else p + a.lora_delta(rows) for p, a in zip(qkv.chunk(3, dim=-1), adapters)]
+            qkv = None
+        parts = qkv.chunk(3, dim=-1) if qkv is not None else parts
     cu_seq_lens = kwargs.get("cu_seq_lens")
     if cu_seq_lens is not None:
-        q, k, v = (p.view(rows.shape[0], -1, attn.attention_head_size) for p in parts)
-        context = varlen_attention(q, k, v, cu_seq_lens, cu_seq_lens, attn.packed_max_length, attn.packed_max_length,
-                                   dropout=attn.dropout.p if attn.training else 0.0, scale=attn.scaling)
+        options = dict(dropout=attn.dropout.p if attn.training else 0.0, scale=attn.scaling,
+                       kernel=getattr(attn, "varlen_kernel", "auto"))
+        if qkv is not None:
+            context = varlen_self_attention(qkv, attn.attention_head_size, cu_seq_lens, attn.packed_max_length,
+                                            **options)
+        else:
+            q, k, v = (p.view(rows.shape[0], -1, attn.attention_head_size) for p in parts)
+            context = varlen_attention(q, k, v, cu_seq_lens, cu_seq_lens, attn.packed_max_length,
+                                       attn.packed_max_length, **options)
         return context.reshape(*input_shape, -1), None
     heads = [p.reshape(*input_shape, -1, attn.attention_head_size).transpose(1, 2) for p in parts]
     context = _attend(attn, *heads, attention_mask)
     return context.reshape(*input_shape, -1), None
 
 
-def pack_sequences(model: PreTrainedModel, max_length: int) -> bool:
+def pack_sequences(model: PreTrainedModel, max_length: int, kernel: str = "auto") -> bool:
     """Let the encoder train on packed sequences: a batch's sequences laid end to end in one row with no
     padding (seqcls.data.PackCollator), ``cu_seq_lens`` marking where each starts, and attention kept
     within each sequence by a variable-length kernel (varlen_attention). The matrix multiplies,
     LayerNorms and dropouts then run on real tokens only, not on the padding of a padded batch. Needs
     the first-token last layer (first_token_last_layer), which gives the head one row a sequence.
-    ``max_length``: no sequence is longer (the data's truncation length). Padded batches (evaluation,
-    prediction) run as before. Returns whether the model qualified."""
+    ``max_length``: no sequence is longer (the data's truncation length); ``kernel``: varlen_attention's.
+    Padded batches (evaluation, prediction) run as before. Returns whether the model qualified."""
     layers = _encoder_layers(model)
     if layers is None or "forward" not in vars(layers[-1]):
         return False
     for layer in layers:
         attn = layer.attention.self
         attn.packed_max_length = int(max_length)
+        attn.varlen_kernel = kernel
         if "forward" not in vars(layer) and "forward" not in vars(attn):  # fuse_frozen_qkv patched it already
             attn.forward = types.MethodType(_self_attention_forward, attn)
     return True
@@ -319,6 +330,60 @@ class _FlashVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+def _efficient_forward(ctx, query, key, value, cu_q, cu_k, max_q: int, max_k: int, dropout: float, scale: float):
+    """The memory-efficient kernel's variable-length mode (one batch row, cu_seqlens), saving for
+    _efficient_backward what it needs, the dropout's RNG seed and offset among it."""
+    out, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward(
+        query[None], key[None], value[None], None, cu_q, cu_k, max_q, max_k, dropout, 0, True, scale=scale)
+    ctx.save_for_backward(query, key, value, out, lse, cu_q, cu_k, seed, offset)
+    ctx.max_q, ctx.max_k, ctx.dropout, ctx.scale = max_q, max_k, dropout, scale
+    return out[0]
+
+
+def _efficient_backward(ctx, grad, shared: bool):
+    query, key, value, out, lse, cu_q, cu_k, seed, offset = ctx.saved_tensors
+    dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
+        grad[None].contiguous(), query[None], key[None], value[None], None, out, cu_q, cu_k, ctx.max_q, ctx.max_k,
+        lse, ctx.dropout, seed, offset, 0, False, scale=ctx.scale, shared_storage_dqdkdv=shared)
+    return dq[0], dk[0], dv[0]
+
+
+class _EfficientVarlen(torch.autograd.Function):
+    """The memory-efficient kernel's variable-length mode: its backward works in tiles of 64 rows where
+    FlashAttention's uses 128, which suits short sequences packed by the thousand (docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, cu_q, cu_k, max_q: int, max_k: int, dropout: float, scale: float):
+        return _efficient_forward(ctx, query, key, value, cu_q, cu_k, max_q, max_k, dropout, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return *_efficient_backward(ctx, grad, shared=False), None, None, None, None, None, None
+
+
+class _EfficientVarlenQKV(torch.autograd.Function):
+    """_EfficientVarlen for self-attention whose query, key and value are the thirds of one tensor
+    (tokens, 3 * heads * dim), as a fused projection gives them. The backward writes their gradients into
+    one buffer of that layout (the kernel's shared_storage_dqdkdv): the fused tensor's gradient, with no
+    concatenation of three."""
+
+    @staticmethod
+    def forward(ctx, qkv, head_dim: int, cu, max_len: int, dropout: float, scale: float):
+        query, key, value = qkv.view(qkv.shape[0], 3, -1, head_dim).unbind(1)
+        return _efficient_forward(ctx, query, key, value, cu, cu, max_len, max_len, dropout, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dq, dk, dv = _efficient_backward(ctx, grad, shared=True)
+        width = dq[0].numel()
+        if dq.stride(0) == 3 * width and dk.data_ptr() == dq.data_ptr() + width * dq.element_size() \
+                and dv.data_ptr() == dk.data_ptr() + width * dq.element_size():
+            dqkv = dq.as_strided((dq.shape[0], 3 * width), (3 * width, 1))
+        else:  # a torch whose kernel did not share the storage
+            dqkv = torch.cat([g.reshape(g.shape[0], -1) for g in (dq, dk, dv)], dim=-1)
+        return dqkv, None, None, None, None, None
+
+
 def flash_varlen_supported(device: torch.device, head_dim: int) -> bool:
     """Whether torch's FlashAttention kernels run here: an NVIDIA GPU of compute capability 8.0 or newer
     (Ampere, Hopper, ...) and a head size they compile for."""
@@ -326,21 +391,46 @@ def flash_varlen_supported(device: torch.device, head_dim: int) -> bool:
             and head_dim % 8 == 0 and head_dim <= 256)
 
 
+def _varlen_kernel(query: torch.Tensor, dropout: float, kernel: str) -> Optional[str]:
+    """Which kernel varlen attention runs: flash, efficient, or None for the reference. The
+    memory-efficient kernel only without attention dropout: on packed sequences its backward does not
+    draw the forward's dropout mask (torch 2.11, H200: tests/test_gpu.py), FlashAttention's does. Without
+    dropout it was the faster of the two on roberta-large's heads at b32 and b256 (docs/benchmarks.md)."""
+    if not (query.dtype in (torch.bfloat16, torch.float16) and flash_varlen_supported(query.device, query.shape[-1])):
+        return None
+    return "efficient" if kernel in ("auto", "efficient") and dropout == 0.0 else "flash"
+
+
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: torch.Tensor,
-                     cu_k: torch.Tensor, max_q: int, max_k: int, *, dropout: float, scale: float) -> torch.Tensor:
+                     cu_k: torch.Tensor, max_q: int, max_k: int, *, dropout: float, scale: float,
+                     kernel: str = "auto") -> torch.Tensor:
     """Attention over packed sequences: query rows [cu_q[i], cu_q[i+1]) attend to key/value rows
     [cu_k[i], cu_k[i+1]) alone. query (Tq, heads, dim), key and value (Tk, heads, dim), cu_* int32
     (sequences + 1,), max_*: bounds on a sequence's length; returns (Tq, heads, dim). On CUDA in
-    bf16/fp16 where they run (flash_varlen_supported), FlashAttention's varlen kernels; elsewhere the
+    bf16/fp16 where they run (flash_varlen_supported), FlashAttention's varlen kernels, or without
+    dropout the memory-efficient kernel's unless ``kernel`` is flash (_varlen_kernel); elsewhere the
     same attention as SDPA with a block-diagonal mask (memory quadratic in the packed length)."""
-    if query.dtype in (torch.bfloat16, torch.float16) and flash_varlen_supported(query.device, query.shape[-1]):
-        return _FlashVarlen.apply(query, key, value, cu_q, cu_k, max_q, max_k, dropout, scale)
+    chosen = _varlen_kernel(query, dropout, kernel)
+    if chosen is not None:
+        function = _EfficientVarlen if chosen == "efficient" else _FlashVarlen
+        return function.apply(query, key, value, cu_q, cu_k, max_q, max_k, dropout, scale)
     seq_q = torch.searchsorted(cu_q[1:], torch.arange(query.shape[0], device=query.device, dtype=cu_q.dtype), right=True)
     seq_k = torch.searchsorted(cu_k[1:], torch.arange(key.shape[0], device=key.device, dtype=cu_k.dtype), right=True)
     mask = seq_q[:, None] == seq_k[None, :]
     out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
                                          attn_mask=mask, dropout_p=dropout, scale=scale)
     return out.transpose(0, 1)
+
+
+def varlen_self_attention(qkv: torch.Tensor, head_dim: int, cu: torch.Tensor, max_len: int, *, dropout: float,
+                          scale: float, kernel: str = "auto") -> torch.Tensor:
+    """varlen_attention of packed sequences on themselves, query, key and value given as the thirds of
+    ``qkv`` (tokens, 3 * heads * head_dim). With the memory-efficient kernel the backward writes the
+    gradient of ``qkv`` whole (_EfficientVarlenQKV); otherwise it is varlen_attention on the thirds."""
+    query, key, value = (p.view(qkv.shape[0], -1, head_dim) for p in qkv.chunk(3, dim=-1))
+    if _varlen_kernel(query, dropout, kernel) == "efficient":
+        return _EfficientVarlenQKV.apply(qkv, head_dim, cu, max_len, dropout, scale)
+    return varlen_attention(query, key, value, cu, cu, max_len, max_len, dropout=dropout, scale=scale, kernel=kernel)
 
 
 def mergeable(adapters) -> bool:
