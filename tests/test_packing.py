@@ -9,6 +9,7 @@ import torch
 
 from seqcls.build import build_trainer
 from seqcls.data import PackCollator, PadCollator
+from seqcls.errors import ConfigError
 from seqcls.lora import inject_lora
 from seqcls.models import (first_token_last_layer, from_config, fuse_frozen_qkv, pack_sequences,
                            packed_position_offset, varlen_attention, varlen_self_attention)
@@ -167,6 +168,14 @@ def test_packing_a_model_that_cannot_be_packed_is_one_clear_error(tmp_path, synt
         "compile.pack_sequences=true", "model.first_token_last_layer=false"])
     with pytest.raises(Exception, match="compile.pack_sequences=true needs a BERT-family encoder"):
         build_trainer(cfg, tmp_path)
+
+
+def test_asking_for_the_efficient_kernel_with_attention_dropout_is_one_clear_error(tmp_path, synthetic_dir):
+    base = synthetic_overrides(synthetic_dir, tmp_path) + ["compile.pack_sequences=true", "compile.varlen_kernel=efficient"]
+    with pytest.raises(ConfigError, match="compile.varlen_kernel=efficient needs a model without attention dropout"):
+        build_trainer(compose_cfg(base + ["model.config_overrides.attention_probs_dropout_prob=0.1"]), tmp_path)
+    trainer = build_trainer(compose_cfg(base), tmp_path)  # the tests' tiny model has no attention dropout
+    assert all(layer.attention.self.varlen_kernel == "efficient" for layer in trainer.model.base_model.encoder.layer)
 
 
 def test_flash_kernels_are_used_only_where_they_run(monkeypatch):

@@ -303,11 +303,12 @@ class CompileConfig:
     than 64 at the same peak memory, since the graphs of all shapes share one memory pool and one
     side stream (docs/benchmarks.md)."""
     varlen_kernel: str = "auto"
-    """The attention kernel of packed sequences (seqcls.models.varlen_attention). auto (or efficient): the
-    memory-efficient kernel's varlen mode where the model has no attention dropout (its backward uses
-    smaller tiles and, for a fused query/key/value, writes their gradient as one tensor), FlashAttention's
-    varlen kernels where it has (the efficient kernel's backward does not replay the forward's dropout
-    mask on packed sequences). flash: FlashAttention's always."""
+    """The attention kernel of packed sequences (seqcls.models.varlen_attention). auto: the memory-efficient
+    kernel's varlen mode where the model has no attention dropout (its backward uses smaller tiles and, for
+    a fused query/key/value, writes their gradient as one tensor; H200, roberta-large LoRA b256: +9%),
+    FlashAttention's varlen kernels where it has (the efficient kernel's backward does not replay the
+    forward's dropout mask on packed sequences). efficient: the memory-efficient kernel (a model with
+    attention dropout is an error). flash: FlashAttention's always."""
     capture_ahead: bool = True
     """With step graphs: capture the step of every batch shape the run will meet before its first step
     (the sampler's order is seeded, so the shapes are known), instead of at each shape's first use, where
