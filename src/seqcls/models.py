@@ -262,7 +262,8 @@ def _self_attention_forward(attn, hidden_states, attention_mask=None, *args, **k
         elif any(a is not None for a in adapters):
             parts = [p if a is None else p + a.lora_delta(rows) for p, a in zip(qkv.chunk(3, dim=-1), adapters)]
             qkv = None
-        parts = qkv.chunk(3, dim=-1) if qkv is not None else parts
+        if qkv is not None:
+            parts = qkv.chunk(3, dim=-1)
     cu_seq_lens = kwargs.get("cu_seq_lens")
     if cu_seq_lens is not None:
         options = dict(dropout=attn.dropout.p if attn.training else 0.0, scale=attn.scaling,
