@@ -1,0 +1,94 @@
+"""Time a transformer MLP block (Linear -> GELU -> Linear) as cuBLAS + a GELU pass against inductor's kernels.
+
+    PYTHONPATH=src python scripts/bench_mlp.py --tokens 13600            # LoRA b256's packed tokens
+    PYTHONPATH=src python scripts/bench_mlp.py --tokens 1700 --weight-grads  # full fine-tune at b32
+
+The question it answers: would a GEMM with GELU in its epilogue (inductor's Triton templates under
+`max_autotune_gemm`) beat cuBLAS followed by a separate GELU kernel? Each variant runs forward and
+backward (the input's gradient, as under LoRA's frozen base; `--weight-grads` adds the weights'
+gradients, as in full fine-tuning) in bf16, captured as one CUDA graph and replayed, so launch
+overhead is off the table. The first call of each variant (compilation, autotuning, warm-up) is
+timed apart. Sizes default to roberta-large's (1024 -> 4096 -> 1024).
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=13600, help="rows of the activations (packed real tokens)")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--weight-grads", action="store_true", help="also compute the weights' gradients")
+    p.add_argument("--reps", type=int, default=50)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_mlp.py times CUDA graphs: run it on a machine with a CUDA GPU")
+
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    h, i = args.hidden, args.intermediate
+    w1 = (torch.randn(i, h, device=dev, dtype=dt) * 0.02).requires_grad_(args.weight_grads)
+    w2 = (torch.randn(h, i, device=dev, dtype=dt) * 0.02).requires_grad_(args.weight_grads)
+    b1 = torch.zeros(i, device=dev, dtype=dt, requires_grad=args.weight_grads)
+    b2 = torch.zeros(h, device=dev, dtype=dt, requires_grad=args.weight_grads)
+    x = torch.randn(args.tokens, h, device=dev, dtype=dt, requires_grad=True)
+    grad_out = torch.randn(args.tokens, h, device=dev, dtype=dt)
+    inputs = [x] + ([w1, b1, w2, b2] if args.weight_grads else [])
+    # two GEMMs forward, two input-gradient GEMMs backward, and two weight-gradient GEMMs if asked for
+    flops = 2 * args.tokens * h * i * (6 if args.weight_grads else 4)
+
+    def mlp(x):
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+    def timed(fn):
+        def step():
+            return torch.autograd.grad(fn(x), inputs, grad_out)
+
+        t0 = time.perf_counter()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.reps):
+            graph.replay()
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) / args.reps * 1e3
+        return ms, first, [o.clone() for o in out]
+
+    variants = [
+        ("eager (cuBLAS + GELU kernels)", mlp),
+        ("compiled, default", torch.compile(mlp, dynamic=False)),
+        ("compiled, max_autotune_gemm", torch.compile(mlp, dynamic=False, options={"max_autotune_gemm": True})),
+        ("compiled dynamic, max_autotune_gemm",
+         torch.compile(mlp, dynamic=True, options={"max_autotune_gemm": True})),
+    ]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.tokens} x {h} -> {i} -> {h}, "
+          f"{'input and weight' if args.weight_grads else 'input'} gradients")
+    print("| variant | ms | TFLOP/s | first call s | max abs diff vs eager |")
+    print("|---|---|---|---|---|")
+    ref = None
+    for name, fn in variants:
+        ms, first, out = timed(fn)
+        diff = "-" if ref is None else f"{max((a - b).abs().max().item() for a, b in zip(out, ref)):.3g}"
+        if ref is None:
+            ref = out
+        print(f"| {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | {first:.1f} | {diff} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
