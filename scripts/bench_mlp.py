@@ -4,7 +4,8 @@
     PYTHONPATH=src python scripts/bench_mlp.py --tokens 1700 --weight-grads  # full fine-tune at b32
 
 The question it answers: would a GEMM with GELU in its epilogue (inductor's Triton templates under
-`max_autotune_gemm`) beat cuBLAS followed by a separate GELU kernel? Each variant runs forward and
+`max_autotune_gemm`; `triton` leaves cuBLAS out of the choice) beat cuBLAS followed by a separate
+GELU kernel? Each variant runs forward and
 backward (the input's gradient, as under LoRA's frozen base; `--weight-grads` adds the weights'
 gradients, as in full fine-tuning) in bf16, captured as one CUDA graph and replayed, so launch
 overhead is off the table. The first call of each variant (compilation, autotuning, warm-up) is
@@ -25,6 +26,8 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=4096)
     p.add_argument("--weight-grads", action="store_true", help="also compute the weights' gradients")
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--variants", nargs="+", default=["default", "autotune", "dynamic", "triton"],
+                   help="what to time beside eager: default autotune dynamic triton")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_mlp.py times CUDA graphs: run it on a machine with a CUDA GPU")
@@ -70,19 +73,24 @@ def main() -> None:
         ms = (time.perf_counter() - t0) / args.reps * 1e3
         return ms, first, [o.clone() for o in out]
 
-    variants = [
-        ("eager (cuBLAS + GELU kernels)", mlp),
-        ("compiled, default", torch.compile(mlp, dynamic=False)),
-        ("compiled, max_autotune_gemm", torch.compile(mlp, dynamic=False, options={"max_autotune_gemm": True})),
-        ("compiled dynamic, max_autotune_gemm",
-         torch.compile(mlp, dynamic=True, options={"max_autotune_gemm": True})),
-    ]
+    autotune = {"max_autotune_gemm": True}
+    variants = {
+        "eager": ("eager (cuBLAS + GELU kernels)", mlp),
+        "default": ("compiled, default", torch.compile(mlp, dynamic=False)),
+        "autotune": ("compiled, max_autotune_gemm", torch.compile(mlp, dynamic=False, options=autotune)),
+        "dynamic": ("compiled dynamic, max_autotune_gemm", torch.compile(mlp, dynamic=True, options=autotune)),
+        "triton": ("compiled, Triton GEMMs only", torch.compile(
+            mlp, dynamic=False, options={**autotune, "max_autotune_gemm_backends": "TRITON"})),
+    }
+    unknown = set(args.variants) - set(variants)
+    if unknown:
+        raise SystemExit(f"unknown --variants {sorted(unknown)}: pick from {', '.join(variants)}")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.tokens} x {h} -> {i} -> {h}, "
           f"{'input and weight' if args.weight_grads else 'input'} gradients")
     print("| variant | ms | TFLOP/s | first call s | max abs diff vs eager |")
     print("|---|---|---|---|---|")
     ref = None
-    for name, fn in variants:
+    for name, fn in (variants[k] for k in ["eager"] + [v for v in args.variants if v != "eager"]):
         ms, first, out = timed(fn)
         diff = "-" if ref is None else f"{max((a - b).abs().max().item() for a, b in zip(out, ref)):.3g}"
         if ref is None:
