@@ -69,6 +69,34 @@ def flops_per_token(n_params: int, layers: int, hidden: int, mean_len: float, lo
     return (4 if lora else 6) * n_params + 12 * layers * mean_len * hidden
 
 
+def cuda_graph_ms(step, reps: int):
+    """Time ``step`` (a function of no arguments that launches CUDA work) as a CUDA graph, as the training
+    step runs: three warm-up calls on a side stream, one capture, ``reps`` timed replays. Returns the
+    milliseconds a replay, the seconds the warm-up took (compilation and autotuning where ``step``
+    compiles) and the graph's outputs after the last replay."""
+    import torch
+
+    t0 = time.perf_counter()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    warm_up = time.perf_counter() - t0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3, warm_up, out
+
+
 # ---------------------------------------------------------------------------------- workers
 def run_seqcls(args, out: Path) -> dict:
     sys.path.insert(0, str(REPO / "src"))

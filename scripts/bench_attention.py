@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from bench import default_paths, load_examples  # noqa: E402  (scripts/ is on sys.path)
+from bench import cuda_graph_ms, default_paths, load_examples  # noqa: E402  (scripts/ is on sys.path)
 
 
 def main():
@@ -65,24 +64,6 @@ def main():
     lengths = [len(e["input_ids"]) for e in load_examples(data, AutoTokenizer.from_pretrained(tok), args.max_length)]
     H, D, dev = args.heads, args.head_dim, torch.device("cuda")
     scale = D ** -0.5
-
-    def replay_ms(step) -> float:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        graph.replay()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(args.reps):
-            graph.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / args.reps * 1e3
 
     def variants(lens: list[int], p: float) -> dict:
         B, T = len(lens), sum(lens)
@@ -157,7 +138,7 @@ def main():
                 steps, _ = variants(lens, p)
                 for name, step in steps.items():
                     try:
-                        total[name] = total.get(name, 0.0) + replay_ms(step)
+                        total[name] = total.get(name, 0.0) + cuda_graph_ms(step, args.reps)[0]
                     except RuntimeError as e:  # a kernel this GPU or torch build lacks: report it, time the rest
                         print(f"{name} failed: {str(e).splitlines()[0][:200]}", file=sys.stderr)
                         total[name] = float("nan")

@@ -13,10 +13,11 @@ timed apart. Sizes default to roberta-large's (1024 -> 4096 -> 1024).
 """
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+
+from bench import cuda_graph_ms  # scripts/ is on sys.path
 
 
 def main() -> None:
@@ -52,25 +53,7 @@ def main() -> None:
         def step():
             return torch.autograd.grad(fn(x), inputs, grad_out)
 
-        t0 = time.perf_counter()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        graph.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.reps):
-            graph.replay()
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - t0) / args.reps * 1e3
+        ms, first, out = cuda_graph_ms(step, args.reps)
         return ms, first, [o.clone() for o in out]
 
     autotune = {"max_autotune_gemm": True}
