@@ -22,12 +22,22 @@ Variants (roberta-large's 16 heads of 64; query/key/value as views of one fused 
   as one tensor (seqcls.models._EfficientVarlenQKV), what packed training runs without attention dropout;
 - flash varlen, gather/scatter: the same, taking the real tokens out of the padded projection and
   putting the output back (what it would cost inside a padded model).
+
+``--check-dropout`` instead checks each variable-length kernel's attention dropout, eagerly, on four packed
+sequences whose value rows are one-hot within each sequence (so the output is the dropped-out attention
+matrix P): whether the backward replays the forward's mask (the value gradient against P^T @ grad), the
+fraction dropped, and whether the mask repeats across heads or across two sequences of one length. The
+kernels are FlashAttention's, the memory-efficient kernel's and cuDNN's ragged mode (query/key/value
+packed as for the others, cumulative sequence lengths). Then each one's forward + backward time on the
+last --batch's first random batch of MRPC: as CUDA graphs, but cuDNN's ragged mode eagerly, and last an
+attempt to capture it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -47,6 +57,8 @@ def main():
     ap.add_argument("--random-batches", action="store_true",
                     help="batches not grouped by length (what packed training draws)")
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--check-dropout", action="store_true",
+                    help="check the varlen kernels' attention dropout and time them eagerly, instead of the table")
     ap.add_argument("--data-dir", default=None, help="GLUE MRPC TSV folder (default ../shared/data/mrpc)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the MiniLM package's)")
     args = ap.parse_args()
@@ -64,6 +76,8 @@ def main():
     lengths = [len(e["input_ids"]) for e in load_examples(data, AutoTokenizer.from_pretrained(tok), args.max_length)]
     H, D, dev = args.heads, args.head_dim, torch.device("cuda")
     scale = D ** -0.5
+    if args.check_dropout:
+        return check_dropout(args, lengths)
 
     def variants(lens: list[int], p: float) -> dict:
         B, T = len(lens), sum(lens)
@@ -147,6 +161,98 @@ def main():
                 ms /= len(batches)
                 print(f"| {batch} | {name} | {p} | {ms:.3f} | {ms * args.layers:.2f} |")
 
+
+def _cudnn_ragged():
+    """cuDNN's attention in its ragged (variable-length) mode, as an autograd function like seqcls.models'
+    kernels. It wants query, key and value contiguous: the ragged offsets assume (tokens, heads, dim) rows."""
+    import torch
+
+    class CudnnRagged(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value, cu_q, cu_k, max_q, max_k, dropout, scale):
+            query, key, value = (t.contiguous() for t in (query, key, value))
+            out, lse, *_, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
+                query, key, value, None, cu_q, cu_k, max_q, max_k, True, dropout, False, False, scale=scale)
+            ctx.save_for_backward(query, key, value, out, lse, cu_q, cu_k, seed, offset)
+            ctx.args = max_q, max_k, dropout, scale
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            query, key, value, out, lse, cu_q, cu_k, seed, offset = ctx.saved_tensors
+            max_q, max_k, dropout, scale = ctx.args
+            grads = torch.ops.aten._cudnn_attention_backward(
+                grad.contiguous(), query, key, value, out, lse, seed, offset, None, cu_q, cu_k, max_q, max_k, dropout,
+                False, scale=scale)
+            return *grads, None, None, None, None, None, None
+
+    return CudnnRagged
+
+
+def check_dropout(args, lengths: list[int]) -> None:
+    import torch
+    import torch.nn.functional as F
+    from seqcls.data import GlobalBatchSampler
+    from seqcls.models import _EfficientVarlen, _FlashVarlen
+
+    dev, p, heads, dim = torch.device("cuda"), 0.5, 2, 64
+    kernels = {"flash varlen": _FlashVarlen, "efficient varlen": _EfficientVarlen, "cudnn ragged": _cudnn_ragged()}
+    lens = [37, 1, 63, 37]  # two sequences of one length
+    cu = F.pad(torch.tensor(lens, device=dev).cumsum(0), (1, 0)).to(torch.int32)
+    T = sum(lens)
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev))
+    pos = torch.arange(T, device=dev) - cu[:-1].long()[seq]
+    same = seq[:, None] == seq[None, :]
+    first, last = slice(0, lens[0]), slice(T - lens[-1], T)
+    torch.manual_seed(0)
+    q, k = (torch.randn(T, heads, dim, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    grad = torch.randn(T, heads, dim, device=dev, dtype=torch.bfloat16)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
+          f"attention dropout {p} on sequences of {lens} tokens, {heads} heads, value rows one-hot")
+    print("| kernel | value gradient vs P^T @ grad, max abs error | dropped | mask repeats across heads "
+          "| across the two 37-token sequences |")
+    print("|---|---|---|---|---|")
+    for name, kernel in kernels.items():
+        v = F.one_hot(pos, dim).to(torch.bfloat16)[:, None].expand(T, heads, dim).contiguous().requires_grad_()
+        out = kernel.apply(q, k, v, cu, cu, max(lens), max(lens), p, 0.125)
+        out.backward(grad)
+        P = out.detach().float()[:, :, pos].permute(1, 0, 2) * same  # P[h, i, j] = out[i, h, pos(j)]
+        error = (v.grad.float() - torch.einsum("hij,ihd->jhd", P, grad.float())).abs().max().item()
+        dropped = P == 0
+        print(f"| {name} | {error:.4f} | {dropped[:, same].float().mean().item():.3f} "
+              f"| {torch.equal(dropped[0], dropped[1])} | {torch.equal(dropped[0][first, first], dropped[0][last, last])} |")
+
+    batch = int(args.batch.split(",")[-1])
+    sampler = GlobalBatchSampler(lengths, local_batch_size=batch, grad_accum_steps=1, group_by_length=False)
+    lens = [lengths[i] for i in next(iter(sampler))]
+    cu = F.pad(torch.tensor(lens, device=dev).cumsum(0), (1, 0)).to(torch.int32)
+    packed = torch.randn(sum(lens), 3, args.heads, args.head_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(sum(lens), args.heads, args.head_dim, device=dev, dtype=torch.bfloat16)
+    print(f"\n| kernel | dropout | ms a layer (fwd+bwd), batch {batch} | x{args.layers} layers | timed |\n|---|---|---|---|---|")
+    ragged = kernels.pop("cudnn ragged")
+    for dropout in (args.dropout, 0.0):
+        for name, kernel in [*kernels.items(), ("cudnn ragged", ragged)]:
+            def step():
+                out = kernel.apply(*packed.unbind(1), cu, cu, max(lens), max(lens), dropout, args.head_dim ** -0.5)
+                return torch.autograd.grad(out, packed, grad)
+            if kernel is not ragged:
+                ms, how = cuda_graph_ms(step, args.reps)[0], "CUDA graph"
+            else:  # one call at a time: its capture fails (below)
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(args.reps):
+                    step()
+                torch.cuda.synchronize()
+                ms, how = (time.perf_counter() - start) / args.reps * 1e3, "eager"
+            print(f"| {name} | {dropout} | {ms:.3f} | {ms * args.layers:.2f} | {how} |")
+    try:  # last: a failed capture leaves the CUDA generator unusable for the rest of the process
+        cuda_graph_ms(lambda: torch.autograd.grad(ragged.apply(*packed.unbind(1), cu, cu, max(lens), max(lens), 0.0,
+                                                               args.head_dim ** -0.5), packed, grad), 1)
+        print("cudnn ragged: captured in a CUDA graph")
+    except Exception as e:  # noqa: BLE001  (any CUDA error is the answer being reported)
+        print(f"cudnn ragged: CUDA graph capture failed: {str(e).splitlines()[0][:160]}")
 
 if __name__ == "__main__":
     main()

@@ -241,7 +241,8 @@ def test_varlen_attention_dropout_backward_replays_the_forward_mask_in_cuda_grap
     """With value rows one-hot (v[j] = e_j within a sequence) the output is the dropped-out attention
     matrix P itself, and the value gradient must be P^T @ grad: the backward drew the forward's mask.
     Each graph replay draws a new mask. kernel=efficient asks for the memory-efficient kernel, whose
-    backward fails this (it draws another mask); with dropout FlashAttention's must run instead."""
+    backward fails this (it draws another mask, and its forward one mask for all heads); with dropout
+    FlashAttention's must run instead."""
     from seqcls.models import varlen_attention
     torch.manual_seed(0)
     dev, heads, dim, p = torch.device("cuda"), 2, 64, 0.5

@@ -72,7 +72,8 @@ def test_self_attention_on_one_qkv_tensor_is_attention_on_its_thirds():
 
 
 def test_the_memory_efficient_kernel_runs_only_without_attention_dropout(monkeypatch):
-    """Its backward does not replay the forward's dropout mask on packed sequences (tests/test_gpu.py)."""
+    """On packed sequences its forward draws one dropout mask for all heads and its backward another
+    (tests/test_gpu.py, scripts/bench_attention.py --check-dropout)."""
     import seqcls.models as models
     monkeypatch.setattr(models, "flash_varlen_supported", lambda device, head_dim: True)
     query = torch.empty(16, 2, 64, dtype=torch.bfloat16, device="meta")

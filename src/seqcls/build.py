@@ -212,7 +212,7 @@ def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch
     dropout = getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0)
     if cfg.compile.varlen_kernel == "efficient" and dropout:
         raise ConfigError(f"compile.varlen_kernel=efficient needs a model without attention dropout (it has "
-                          f"{dropout}): that kernel's backward does not replay the dropout mask on packed sequences; "
+                          f"{dropout}): on packed sequences that kernel draws one dropout mask for all heads and its backward another; "
                           f"use compile.varlen_kernel=auto, or +model.config_overrides.attention_probs_dropout_prob=0")
     log.info("training on packed sequences (no padding; attention within each sequence)")
     return packed_position_offset(model)

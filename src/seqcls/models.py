@@ -394,9 +394,12 @@ def flash_varlen_supported(device: torch.device, head_dim: int) -> bool:
 
 def _varlen_kernel(query: torch.Tensor, dropout: float, kernel: str) -> Optional[str]:
     """Which kernel varlen attention runs: flash, efficient, or None for the reference. The
-    memory-efficient kernel only without attention dropout: on packed sequences its backward does not
-    draw the forward's dropout mask (torch 2.11, H200: tests/test_gpu.py), FlashAttention's does. Without
-    dropout it was the faster of the two on roberta-large's heads at b32 and b256 (docs/benchmarks.md)."""
+    memory-efficient kernel only without attention dropout: on packed sequences its forward draws one mask
+    for every head and every sequence of a length (in torch 2.11 the variable-length forward passes the
+    kernel 0 keys, which zeroes each (sequence, head)'s RNG offset), and its backward draws another
+    (tests/test_gpu.py; scripts/bench_attention.py --check-dropout). FlashAttention's draws independent
+    masks and replays them. Without dropout the efficient kernel was the faster of the two on
+    roberta-large's heads at b32 and b256 (docs/benchmarks.md)."""
     if not (query.dtype in (torch.bfloat16, torch.float16) and flash_varlen_supported(query.device, query.shape[-1])):
         return None
     return "efficient" if kernel in ("auto", "efficient") and dropout == 0.0 else "flash"
