@@ -4,6 +4,7 @@ import resource
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from seqcls.build import build_trainer, use_combo_kernels, use_step_graphs
 from seqcls.distributed import DistInfo
@@ -164,3 +165,39 @@ def test_step_graphs_are_left_out_for_hf_eager_attention_only(tmp_path, syntheti
     assert model.config._attn_implementation == (attn or "sdpa")
     # the decision only, for a CUDA device: no GPU needed
     assert use_step_graphs(cfg, torch.device("cuda"), DistInfo(), model.config._attn_implementation) == graphs
+
+
+@pytest.mark.parametrize("combo", [True, False])
+def test_inductor_options_reach_torch_compile_on_top_of_the_mode_and_combo_kernels(tmp_path, synthetic_dir,
+                                                                                   monkeypatch, combo):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [
+        "compile.enabled=true", f"compile.combo_kernels={combo}", "compile.mode=max-autotune-no-cudagraphs",
+        "+compile.inductor_options.max_autotune_pointwise=true", "+compile.inductor_options.triton.max_tiles=2"]),
+        tmp_path)
+    assert len(calls) >= 2  # one call a block
+    for kw in calls:
+        assert "mode" not in kw
+        assert kw["options"]["max_autotune_pointwise"] is True and kw["options"]["triton.max_tiles"] == 2
+        assert kw["options"]["max_autotune"] is True  # the mode's own settings stay
+        assert kw["options"].get("combo_kernels", False) is combo
+
+
+def test_a_compiled_run_trains_with_an_inductor_option(tmp_path, synthetic_dir):
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [
+        "compile.enabled=true", "step_scheduler.max_steps=2", "+compile.inductor_options.fallback_random=true",
+        "+compile.inductor_options.triton.max_tiles=2"])  # torch.compile takes the dotted name, not a nested dict
+    trainer = build_trainer(cfg, tmp_path)
+    assert trainer.fit()["steps"] == 2
+
+
+def test_an_unknown_inductor_option_or_cuda_graphs_inside_step_graphs_is_one_clear_error(tmp_path, synthetic_dir):
+    from seqcls.config import ConfigError
+    base = synthetic_overrides(synthetic_dir, tmp_path) + ["compile.enabled=true"]
+    with pytest.raises(ConfigError, match="compile.inductor_options: max_autotune_pointwize is not an inductor setting"):
+        build_trainer(compose_cfg(base + ["+compile.inductor_options.max_autotune_pointwize=true"]), tmp_path)
+    with pytest.raises(ConfigError, match="triton.cudagraphs=true captures CUDA graphs of its own"):
+        OmegaConf.to_object(compose_cfg(base + ["+compile.inductor_options.triton.cudagraphs=true"]))
+    OmegaConf.to_object(compose_cfg(base + ["+compile.inductor_options.triton.cudagraphs=true",
+                                            "compile.cuda_graphs=none"]))

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqcls import data as data_lib
 from seqcls.checkpoint import Checkpointer, read_pointer
-from seqcls.config import ConfigError
+from seqcls.config import ConfigError, flat_options
 from seqcls.distributed import DistInfo, broadcast_object, init_distributed, shutdown_distributed
 from seqcls.loggers import build_loggers
 from seqcls.metrics import main_metric
@@ -239,12 +239,13 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
 
 
 def compile_model(model: torch.nn.Module, *, mode: str, per_block: bool, dynamic: Optional[bool],
-                  combo_kernels: bool = False) -> torch.nn.Module:
+                  combo_kernels: bool = False, options: Optional[dict] = None) -> torch.nn.Module:
     """Compile in place (nn.Module.compile): parameters, state-dict keys and .config stay as they are.
 
     ``per_block``: each transformer block is compiled on its own (under FSDP2, between the all-gathers
     its hooks issue; CUDA graphs are left out there: collectives inside a graph need more care than this).
     The blocks run one code object, so it is compiled once for all of them, not once per block.
+    ``options``: inductor settings on top of the mode's (compile.inductor_options).
     """
     # One graph per (length bucket, train/eval) and, per block, all blocks share one code object:
     # the default limit of 8 compiled variants would send the rest back to eager.
@@ -254,9 +255,17 @@ def compile_model(model: torch.nn.Module, *, mode: str, per_block: bool, dynamic
         from seqcls.distributed import find_transformer_blocks
         blocks = find_transformer_blocks(model)
     # torch.compile takes a mode or inductor options, not both: the mode's own options, plus ours.
-    if combo_kernels:
+    extra = {"combo_kernels": True} if combo_kernels else {}
+    if options:
+        from torch._inductor import list_options
+        unknown = sorted(set(options) - set(list_options()))
+        if unknown:
+            raise ConfigError(f"compile.inductor_options: {', '.join(unknown)} is not an inductor setting of this "
+                              f"torch {torch.__version__} (torch._inductor.list_options() lists them); fix or drop it")
+        extra.update(options)
+    if extra:
         from torch._inductor import list_mode_options
-        how = {"options": {**list_mode_options(mode, dynamic), "combo_kernels": True}}
+        how = {"options": {**list_mode_options(mode, dynamic), **extra}}
     else:
         how = {"mode": mode}
     for module in blocks or [model]:
@@ -381,7 +390,8 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         if sharded and mode in ("reduce-overhead", "max-autotune"):
             mode = "max-autotune-no-cudagraphs" if "autotune" in mode else "default"
         model = compile_model(model, mode=mode, per_block=sharded or cfg.compile.scope == "blocks",
-                              dynamic=cfg.compile.dynamic, combo_kernels=use_combo_kernels(cfg, device))
+                              dynamic=cfg.compile.dynamic, combo_kernels=use_combo_kernels(cfg, device),
+                              options=flat_options(cfg.compile.inductor_options))
     lr_lambda = instantiate(cfg.lr_scheduler)(plan["total_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 

@@ -22,6 +22,18 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def flat_options(options: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted names: {triton: {max_tiles: 2}} -> {"triton.max_tiles": 2} (what a
+    command-line ``+compile.inductor_options.triton.max_tiles=2`` composes to, as torch.compile names it)."""
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if hasattr(value, "items"):
+            flat.update(flat_options(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 @dataclass
 class StepSchedulerConfig:
     global_batch_size: int = 32
@@ -334,6 +346,12 @@ class CompileConfig:
     """Under bf16 autocast: LayerNorms read and write bf16 (normalising in fp32 inside the kernel), so the
     residual stream between blocks is bf16 rather than fp32, as in a model loaded in bf16. Halves the
     memory traffic of the dropout + residual + LayerNorm passes. false: autocast's fp32 LayerNorms."""
+    inductor_options: dict[str, Any] = field(default_factory=dict)
+    """Inductor settings for the compiled model or blocks, on top of compile.mode's and combo_kernels
+    (torch.compile's ``options``, named as torch._inductor.list_options() names them; nested keys join
+    with dots), e.g. ``+compile.inductor_options.max_autotune_pointwise=true``. That setting, given to the
+    whole process on an H200 (roberta-large b32), ran full FT 1.6-1.9% faster and LoRA 1.1% slower, with
+    ~20 s more compilation (docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
         _check(self.mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -348,6 +366,9 @@ class CompileConfig:
         _check(self.pack_bucket >= 1, f"compile.pack_bucket must be >= 1, got {self.pack_bucket}")
         _check(self.varlen_kernel in ("auto", "flash", "efficient"),
                f"compile.varlen_kernel must be auto, flash or efficient, got {self.varlen_kernel!r}")
+        _check(not (self.cuda_graphs == "step" and flat_options(self.inductor_options).get("triton.cudagraphs")),
+               "compile.inductor_options.triton.cudagraphs=true captures CUDA graphs of its own, which cannot sit "
+               "inside the step's graphs; add compile.cuda_graphs=none, or drop that option")
 
 
 @dataclass
