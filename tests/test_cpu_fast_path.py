@@ -201,3 +201,10 @@ def test_an_unknown_inductor_option_or_cuda_graphs_inside_step_graphs_is_one_cle
         OmegaConf.to_object(compose_cfg(base + ["+compile.inductor_options.triton.cudagraphs=true"]))
     OmegaConf.to_object(compose_cfg(base + ["+compile.inductor_options.triton.cudagraphs=true",
                                             "compile.cuda_graphs=none"]))
+
+
+def test_inductor_options_without_compilation_say_they_do_not_apply(tmp_path, synthetic_dir, caplog):
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + ["+compile.inductor_options.fallback_random=true"])
+    with caplog.at_level("WARNING", logger="seqcls"):
+        build_trainer(cfg, tmp_path)  # CPU: compile.enabled null resolves to off
+    assert "compile.inductor_options is set but nothing is compiled" in caplog.text

@@ -212,7 +212,8 @@ def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch
     dropout = getattr(getattr(model, "config", None), "attention_probs_dropout_prob", 0.0)
     if cfg.compile.varlen_kernel == "efficient" and dropout:
         raise ConfigError(f"compile.varlen_kernel=efficient needs a model without attention dropout (it has "
-                          f"{dropout}): on packed sequences that kernel draws one dropout mask for all heads and its backward another; "
+                          f"{dropout}): on packed sequences that kernel draws one dropout mask for all heads and "
+                          f"its backward another; "
                           f"use compile.varlen_kernel=auto, or +model.config_overrides.attention_probs_dropout_prob=0")
     log.info("training on packed sequences (no padding; attention within each sequence)")
     return packed_position_offset(model)
@@ -260,8 +261,10 @@ def compile_model(model: torch.nn.Module, *, mode: str, per_block: bool, dynamic
         from torch._inductor import list_options
         unknown = sorted(set(options) - set(list_options()))
         if unknown:
-            raise ConfigError(f"compile.inductor_options: {', '.join(unknown)} is not an inductor setting of this "
-                              f"torch {torch.__version__} (torch._inductor.list_options() lists them); fix or drop it")
+            raise ConfigError(f"compile.inductor_options: {', '.join(unknown)} "
+                              f"{'is not an inductor setting' if len(unknown) == 1 else 'are not inductor settings'} "
+                              f"of torch {torch.__version__} (torch._inductor.list_options() lists them); fix or drop "
+                              f"{'it' if len(unknown) == 1 else 'them'}")
         extra.update(options)
     if extra:
         from torch._inductor import list_mode_options
@@ -392,6 +395,9 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         model = compile_model(model, mode=mode, per_block=sharded or cfg.compile.scope == "blocks",
                               dynamic=cfg.compile.dynamic, combo_kernels=use_combo_kernels(cfg, device),
                               options=flat_options(cfg.compile.inductor_options))
+    elif cfg.compile.inductor_options:
+        log.warning("compile.inductor_options is set but nothing is compiled (compile.enabled resolved to false "
+                    "on %s): add compile.enabled=true for it to apply", device.type)
     lr_lambda = instantiate(cfg.lr_scheduler)(plan["total_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 

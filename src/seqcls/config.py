@@ -319,8 +319,8 @@ class CompileConfig:
     kernel's varlen mode where the model has no attention dropout (its backward uses smaller tiles and, for
     a fused query/key/value, writes their gradient as one tensor; H200, roberta-large LoRA b256: +9%),
     FlashAttention's varlen kernels where it has (on packed sequences the efficient kernel's forward draws
-    one dropout mask for every head and every sequence of a length, and its backward another). efficient: the memory-efficient kernel (a model with
-    attention dropout is an error). flash: FlashAttention's always."""
+    one dropout mask for every head and every sequence of a length, and its backward another). efficient:
+    the memory-efficient kernel (a model with attention dropout is an error). flash: FlashAttention's always."""
     capture_ahead: bool = True
     """With step graphs: capture the step of every batch shape the run will meet before its first step
     (the sampler's order is seeded, so the shapes are known), instead of at each shape's first use, where
