@@ -72,6 +72,7 @@ def main():
     from seqcls.data import GlobalBatchSampler
     from seqcls.models import _EfficientVarlen, _EfficientVarlenQKV, _FlashVarlen
 
+    short = _short_kernel()
     data, tok = default_paths(args)
     lengths = [len(e["input_ids"]) for e in load_examples(data, AutoTokenizer.from_pretrained(tok), args.max_length)]
     H, D, dev = args.heads, args.head_dim, torch.device("cuda")
@@ -111,6 +112,11 @@ def main():
             out = _EfficientVarlenQKV.apply(packed.view(T, 3 * H * D), D, cu, L, p, scale)
             return torch.autograd.grad(out, packed, g_packed)
 
+        def short_one_gradient():
+            from seqcls.short_attention import short_self_attention
+            out = short_self_attention(packed.view(T, 3 * H * D), D, cu, L, dropout=p, scale=scale)
+            return torch.autograd.grad(out, packed, g_packed)
+
         def varlen_gather():
             x = qkv.reshape(B * L, 3, H, D).index_select(0, idx)
             out = _FlashVarlen.apply(x[:, 0], x[:, 1], x[:, 2], cu, cu, L, L, p, scale).reshape(T, H * D)
@@ -124,6 +130,7 @@ def main():
                 "flash varlen, packed": varlen_packed(),
                 "efficient varlen, packed": varlen_packed(_EfficientVarlen),
                 "efficient varlen, packed, one q/k/v gradient": varlen_one_gradient,
+                **({"short (Triton), packed, one q/k/v gradient": short_one_gradient} if short else {}),
                 "flash varlen, gather/scatter": varlen_gather}, (qkv, keep, idx, cu, L)
 
     # The varlen kernel computes what the masked kernel computes (no dropout): compare on real tokens.
@@ -136,7 +143,7 @@ def main():
         ref = ref.transpose(1, 2).reshape(B * L, H, D)[idx]
         x = qkv.reshape(B * L, 3, H, D)[idx]
         diff = {k.__name__: (k.apply(x[:, 0], x[:, 1], x[:, 2], cu, cu, L, L, 0.0, scale).float() - ref.float()
-                             ).abs().max().item() for k in (_FlashVarlen, _EfficientVarlen)}
+                             ).abs().max().item() for k in (_FlashVarlen, _EfficientVarlen, short) if k}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; varlen kernels vs masked sdpa on real tokens, "
           f"no dropout, max abs diff: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
 
@@ -160,6 +167,25 @@ def main():
             for name, ms in total.items():
                 ms /= len(batches)
                 print(f"| {batch} | {name} | {p} | {ms:.3f} | {ms * args.layers:.2f} |")
+
+
+class _ShortAdapter:
+    """seqcls.short_attention with the other kernels' apply(query, key, value, cu_q, cu_k, max_q, max_k,
+    dropout, scale) (self-attention only: cu_q is cu_k)."""
+
+    @staticmethod
+    def apply(query, key, value, cu_q, cu_k, max_q, max_k, dropout, scale):
+        from seqcls.short_attention import short_attention
+        return short_attention(query, key, value, cu_q, max(max_q, max_k), dropout=dropout, scale=scale)
+
+
+def _short_kernel():
+    """The short-sequence Triton kernel where Triton is installed, else None (and a note)."""
+    from seqcls.short_attention import available
+    if not available():
+        print("Triton is not installed: the short-sequence kernel is left out", file=sys.stderr)
+        return None
+    return _ShortAdapter
 
 
 def _cudnn_ragged():
@@ -196,7 +222,9 @@ def check_dropout(args, lengths: list[int]) -> None:
     from seqcls.models import _EfficientVarlen, _FlashVarlen
 
     dev, p, heads, dim = torch.device("cuda"), 0.5, 2, 64
-    kernels = {"flash varlen": _FlashVarlen, "efficient varlen": _EfficientVarlen, "cudnn ragged": _cudnn_ragged()}
+    short = _short_kernel()
+    kernels = {"flash varlen": _FlashVarlen, "efficient varlen": _EfficientVarlen,
+               **({"short (Triton)": short} if short else {}), "cudnn ragged": _cudnn_ragged()}
     lens = [37, 1, 63, 37]  # two sequences of one length
     cu = F.pad(torch.tensor(lens, device=dev).cumsum(0), (1, 0)).to(torch.int32)
     T = sum(lens)

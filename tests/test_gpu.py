@@ -207,7 +207,7 @@ def test_fsdp2_on_one_gpu_with_compiled_blocks_trains_like_unsharded_eager(data,
         assert f_loss[step] == pytest.approx(e_loss[step], rel=3e-2, abs=3e-3), step
 
 
-@pytest.mark.parametrize("kernel", ["flash", "efficient"])
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "short"])
 def test_varlen_attention_kernels_match_the_reference_forward_and_backward(kernel):
     from seqcls.models import varlen_attention, varlen_self_attention
     torch.manual_seed(0)
@@ -236,7 +236,7 @@ def test_varlen_attention_kernels_match_the_reference_forward_and_backward(kerne
     torch.testing.assert_close(qkv_grads[0], qkv_grads[1], rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("kernel", ["flash", "efficient"])
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "short"])
 def test_varlen_attention_dropout_backward_replays_the_forward_mask_in_cuda_graphs(kernel):
     """With value rows one-hot (v[j] = e_j within a sequence) the output is the dropped-out attention
     matrix P itself, and the value gradient must be P^T @ grad: the backward drew the forward's mask.
@@ -289,7 +289,8 @@ def test_varlen_attention_dropout_backward_replays_the_forward_mask_in_cuda_grap
     assert not torch.equal(masks[0], masks[1])  # each replay draws a new mask
 
 
-@pytest.mark.parametrize("peft,kernel", [("none", "auto"), ("lora", "flash"), ("lora", "efficient")])
+@pytest.mark.parametrize("peft,kernel", [("none", "auto"), ("lora", "flash"), ("lora", "efficient"),
+                                         ("none", "short"), ("lora", "short")])
 def test_packed_sequences_under_step_graphs_train_like_padded_eager(data, tmp_path, peft, kernel):
     extra = NO_DROPOUT + ONE_MICRO_BATCH + ["checkpoint.enabled=false", "dataloader.group_by_length=false",
                                             f"peft={peft}", f"compile.varlen_kernel={kernel}"] + (

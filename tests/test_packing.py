@@ -73,14 +73,37 @@ def test_self_attention_on_one_qkv_tensor_is_attention_on_its_thirds():
 
 def test_the_memory_efficient_kernel_runs_only_without_attention_dropout(monkeypatch):
     """On packed sequences its forward draws one dropout mask for all heads and its backward another
-    (tests/test_gpu.py, scripts/bench_attention.py --check-dropout)."""
+    (tests/test_gpu.py, scripts/bench_attention.py --check-dropout). Where the short-sequence Triton
+    kernel runs, auto takes it, with or without dropout; where it does not, auto falls back as before."""
     import seqcls.models as models
+    from seqcls import short_attention
     monkeypatch.setattr(models, "flash_varlen_supported", lambda device, head_dim: True)
     query = torch.empty(16, 2, 64, dtype=torch.bfloat16, device="meta")
+    monkeypatch.setattr(short_attention, "supported", lambda query, max_len: False)
     for kernel, dropout, expected in (("auto", 0.0, "efficient"), ("efficient", 0.0, "efficient"),
-                                      ("flash", 0.0, "flash"), ("auto", 0.1, "flash"), ("efficient", 0.1, "flash")):
-        assert models._varlen_kernel(query, dropout, kernel) == expected, (kernel, dropout)
+                                      ("flash", 0.0, "flash"), ("auto", 0.1, "flash"), ("efficient", 0.1, "flash"),
+                                      ("short", 0.1, "flash")):
+        assert models._varlen_kernel(query, dropout, kernel, 128) == expected, (kernel, dropout)
     assert models._varlen_kernel(query.float(), 0.0, "auto") is None  # fp32: the reference attention
+    monkeypatch.setattr(short_attention, "supported", lambda query, max_len: max_len <= 256)
+    for kernel, dropout, max_len, expected in (("auto", 0.1, 128, "short"), ("auto", 0.0, 128, "short"),
+                                               ("short", 0.1, 256, "short"), ("auto", 0.1, 512, "flash"),
+                                               ("flash", 0.1, 128, "flash"), ("efficient", 0.0, 128, "efficient")):
+        assert models._varlen_kernel(query, dropout, kernel, max_len) == expected, (kernel, dropout, max_len)
+
+
+def test_short_kernel_supports_half_precision_heads_and_lengths_it_compiles_for(monkeypatch):
+    from seqcls import short_attention
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors count as runnable (Triton's interpreter)
+    if not short_attention.available():
+        pytest.fail("Triton is not installed: the test extra installs it (pip install -e .[test])")
+    half = torch.empty(4, 2, 64, dtype=torch.float16)
+    assert short_attention.supported(half, 256) and short_attention.supported(half.bfloat16(), 1)
+    assert not short_attention.supported(half, 257)  # longer than the widest tile
+    assert not short_attention.supported(half.float(), 128)  # fp32 runs the reference
+    assert not short_attention.supported(torch.empty(4, 2, 48, dtype=torch.float16), 128)  # head size
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not short_attention.supported(half, 128)  # CPU tensors without the interpreter
 
 
 def pair(model_type, lora, fuse):
@@ -207,3 +230,14 @@ def test_packing_by_default_needs_a_flash_gpu_autocast_sdpa_and_the_first_token_
     if packed:  # RoBERTa counts positions from padding_idx + 1
         assert offset == model.config.pad_token_id + 1
         assert all("forward" in vars(layer.attention.self) for layer in model.roberta.encoder.layer[:-1])
+
+
+def test_asking_for_the_short_kernel_where_it_cannot_run_is_one_clear_error(tmp_path, synthetic_dir, monkeypatch):
+    from seqcls import short_attention
+    base = synthetic_overrides(synthetic_dir, tmp_path) + ["compile.pack_sequences=true", "compile.varlen_kernel=short"]
+    with pytest.raises(ConfigError, match="takes sequences of up to 256 tokens, and dataset.max_length is 300"):
+        build_trainer(compose_cfg(base + ["dataset.max_length=300"]), tmp_path)
+    monkeypatch.setattr(short_attention, "available", lambda: False)
+    with pytest.raises(ConfigError, match="compile.varlen_kernel=short needs Triton, which is not installed"):
+        build_trainer(compose_cfg(base), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -215,6 +215,15 @@ def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch
                           f"{dropout}): on packed sequences that kernel draws one dropout mask for all heads and "
                           f"its backward another; "
                           f"use compile.varlen_kernel=auto, or +model.config_overrides.attention_probs_dropout_prob=0")
+    if cfg.compile.varlen_kernel == "short":
+        from seqcls import short_attention
+        if not short_attention.available():
+            raise ConfigError("compile.varlen_kernel=short needs Triton, which is not installed; "
+                              "pip install triton, or use compile.varlen_kernel=auto")
+        if cfg.dataset.max_length > max(short_attention.TILES):
+            raise ConfigError(f"compile.varlen_kernel=short takes sequences of up to {max(short_attention.TILES)} "
+                              f"tokens, and dataset.max_length is {cfg.dataset.max_length}; "
+                              f"lower dataset.max_length or use compile.varlen_kernel=auto")
     log.info("training on packed sequences (no padding; attention within each sequence)")
     return packed_position_offset(model)
 

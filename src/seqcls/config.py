@@ -315,12 +315,14 @@ class CompileConfig:
     than 64 at the same peak memory, since the graphs of all shapes share one memory pool and one
     side stream (docs/benchmarks.md)."""
     varlen_kernel: str = "auto"
-    """The attention kernel of packed sequences (seqcls.models.varlen_attention). auto: the memory-efficient
-    kernel's varlen mode where the model has no attention dropout (its backward uses smaller tiles and, for
-    a fused query/key/value, writes their gradient as one tensor; H200, roberta-large LoRA b256: +9%),
-    FlashAttention's varlen kernels where it has (on packed sequences the efficient kernel's forward draws
-    one dropout mask for every head and every sequence of a length, and its backward another). efficient:
-    the memory-efficient kernel (a model with attention dropout is an error). flash: FlashAttention's always."""
+    """The attention kernel of packed sequences (seqcls.models.varlen_attention). auto: seqcls's Triton
+    kernel for short sequences (seqcls.short_attention: one program per sequence and head, up to 256
+    tokens) where Triton runs (CUDA) and dataset.max_length <= 256; otherwise the memory-efficient kernel's
+    varlen mode where the model has no attention dropout, FlashAttention's where it has. On an H200,
+    roberta-large LoRA b256 on MRPC: 5,618 samples/s against 4,907 with FlashAttention's (docs/benchmarks.md).
+    short: the Triton kernel (an error without Triton or above 256 tokens). efficient: the memory-efficient
+    kernel (a model with attention dropout is an error: on packed sequences its forward draws one dropout
+    mask for every head and every sequence of a length, and its backward another). flash: FlashAttention's."""
     capture_ahead: bool = True
     """With step graphs: capture the step of every batch shape the run will meet before its first step
     (the sampler's order is seeded, so the shapes are known), instead of at each shape's first use, where
@@ -364,8 +366,8 @@ class CompileConfig:
         _check(self.scope in ("model", "blocks"), f"compile.scope must be model or blocks, got {self.scope!r}")
         _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")
         _check(self.pack_bucket >= 1, f"compile.pack_bucket must be >= 1, got {self.pack_bucket}")
-        _check(self.varlen_kernel in ("auto", "flash", "efficient"),
-               f"compile.varlen_kernel must be auto, flash or efficient, got {self.varlen_kernel!r}")
+        _check(self.varlen_kernel in ("auto", "flash", "efficient", "short"),
+               f"compile.varlen_kernel must be auto, flash, efficient or short, got {self.varlen_kernel!r}")
         _check(not (self.cuda_graphs == "step" and flat_options(self.inductor_options).get("triton.cudagraphs")),
                "compile.inductor_options.triton.cudagraphs=true captures CUDA graphs of its own, which cannot sit "
                "inside the step's graphs; add compile.cuda_graphs=none, or drop that option")

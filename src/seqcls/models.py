@@ -392,7 +392,7 @@ def flash_varlen_supported(device: torch.device, head_dim: int) -> bool:
             and head_dim % 8 == 0 and head_dim <= 256)
 
 
-def _varlen_kernel(query: torch.Tensor, dropout: float, kernel: str) -> Optional[str]:
+def _varlen_kernel(query: torch.Tensor, dropout: float, kernel: str, max_len: int = 0) -> Optional[str]:
     """Which kernel varlen attention runs: flash, efficient, or None for the reference. The
     memory-efficient kernel only without attention dropout: on packed sequences its forward draws one mask
     for every head and every sequence of a length (in torch 2.11 the variable-length forward passes the
@@ -400,6 +400,10 @@ def _varlen_kernel(query: torch.Tensor, dropout: float, kernel: str) -> Optional
     (tests/test_gpu.py; scripts/bench_attention.py --check-dropout). FlashAttention's draws independent
     masks and replays them. Without dropout the efficient kernel was the faster of the two on
     roberta-large's heads at b32 and b256 (docs/benchmarks.md)."""
+    if kernel in ("auto", "short"):
+        from seqcls import short_attention
+        if short_attention.supported(query, max_len):
+            return "short"
     if not (query.dtype in (torch.bfloat16, torch.float16) and flash_varlen_supported(query.device, query.shape[-1])):
         return None
     return "efficient" if kernel in ("auto", "efficient") and dropout == 0.0 else "flash"
@@ -414,7 +418,10 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     bf16/fp16 where they run (flash_varlen_supported), FlashAttention's varlen kernels, or without
     dropout the memory-efficient kernel's unless ``kernel`` is flash (_varlen_kernel); elsewhere the
     same attention as SDPA with a block-diagonal mask (memory quadratic in the packed length)."""
-    chosen = _varlen_kernel(query, dropout, kernel)
+    chosen = _varlen_kernel(query, dropout, kernel, max(max_q, max_k) if cu_q is cu_k else 0)
+    if chosen == "short":
+        from seqcls.short_attention import short_attention
+        return short_attention(query, key, value, cu_q, max(max_q, max_k), dropout=dropout, scale=scale)
     if chosen is not None:
         function = _EfficientVarlen if chosen == "efficient" else _FlashVarlen
         return function.apply(query, key, value, cu_q, cu_k, max_q, max_k, dropout, scale)
@@ -432,7 +439,11 @@ def varlen_self_attention(qkv: torch.Tensor, head_dim: int, cu: torch.Tensor, ma
     ``qkv`` (tokens, 3 * heads * head_dim). With the memory-efficient kernel the backward writes the
     gradient of ``qkv`` whole (_EfficientVarlenQKV); otherwise it is varlen_attention on the thirds."""
     query, key, value = (p.view(qkv.shape[0], -1, head_dim) for p in qkv.chunk(3, dim=-1))
-    if _varlen_kernel(query, dropout, kernel) == "efficient":
+    chosen = _varlen_kernel(query, dropout, kernel, max_len)
+    if chosen == "short":
+        from seqcls.short_attention import short_self_attention
+        return short_self_attention(qkv, head_dim, cu, max_len, dropout=dropout, scale=scale)
+    if chosen == "efficient":
         return _EfficientVarlenQKV.apply(qkv, head_dim, cu, max_len, dropout, scale)
     return varlen_attention(query, key, value, cu, cu, max_len, max_len, dropout=dropout, scale=scale, kernel=kernel)
 

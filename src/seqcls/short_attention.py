@@ -1,0 +1,288 @@
+"""Self-attention over packed short sequences, in Triton: one program per (sequence, head).
+
+``compile.varlen_kernel=short``. FlashAttention's variable-length kernels tile queries and keys by 128
+(the memory-efficient kernel's by 64) and, in the backward, add the query gradient across key tiles in
+an fp32 buffer padded per sequence; on GLUE's lengths (MRPC: ~53 tokens) most of each tile is empty and
+the backward's extra passes dominate. Here a program holds one sequence's keys and values for one head
+(at most 256 rows) and walks its query rows in blocks, so every softmax row is whole: no running
+maximum, and the backward writes the query gradient of each block directly, with no accumulation
+buffer. Programs are launched once for each key-tile width (32, 64, 128, 256 rows), each taking the
+sequences whose length falls in its range, so a 40-token sequence is not computed in a 128-wide tile.
+
+Dropout: the mask comes from Philox (a seed drawn on the device at each call, so every CUDA-graph
+replay draws a new one) at one call per 8 scores, 16 bits a score: an entry is dropped with probability
+round(p * 65536) / 65536 (1.5e-6 from p at most) and the kept ones are scaled by 1 / (1 - p). The
+backward regenerates the same mask from the saved seed.
+
+Query, key and value come as three (tokens, heads, dim) views, typically the thirds of a fused
+projection (tokens, 3 * heads * dim), whose gradient the backward then writes as one tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module stays importable; available() says no
+    triton = None
+
+TILES = (32, 64, 128, 256)
+"""Key-tile widths: a sequence of n tokens runs in the smallest tile of at least n rows."""
+_OFFSETS_PER_PROGRAM = max(TILES) * max(TILES) // 8  # Philox counters one (sequence, head) may use
+# key tile -> (query block, warps): the query rows a step of a program's loop takes, and its warps. Tuned
+# on an H200 on MRPC's random b256 batches (roberta-large's heads, dropout 0.1; docs/benchmarks.md).
+_CONFIG = {32: (32, 2), 64: (64, 4), 128: (32, 4), 256: (32, 8)}
+
+
+def available() -> bool:
+    """Whether the kernels can run: Triton is installed (on CPU only under TRITON_INTERPRET=1, for tests)."""
+    return triton is not None
+
+
+def supported(query: torch.Tensor, max_len: int) -> bool:
+    """Whether this kernel takes the packed query (tokens, heads, dim) with sequences up to ``max_len``."""
+    return (available() and (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in (16, 32, 64, 128)
+            and 0 < max_len <= max(TILES))
+
+
+if triton is not None:
+    @triton.jit
+    def _keep(seed, base, BM: tl.constexpr, BN: tl.constexpr, threshold):
+        """(BM, BN) dropout keep-mask: one Philox call gives 4 x 32 random bits, 8 entries of 16 bits."""
+        W: tl.constexpr = BN // 8
+        offsets = base + tl.arange(0, BM)[:, None] * W + tl.arange(0, W)[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, offsets)
+        r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+        r = tl.join(r & 0xFFFF, (r >> 16) & 0xFFFF)
+        return tl.reshape(r, (BM, BN)) >= threshold
+
+    @triton.jit
+    def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, seed_ptr,
+                    sq, sk, sv, so, H, scale_log2, threshold, inv_keep,
+                    LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr):
+        seq, h = tl.program_id(0), tl.program_id(1)
+        start = tl.load(cu_ptr + seq)
+        length = tl.load(cu_ptr + seq + 1) - start
+        if (length > LO) & (length <= BN):
+            d = tl.arange(0, D)
+            n = tl.arange(0, BN)
+            key_in = n < length
+            rows = (start + n).to(tl.int64)[:, None]
+            k = tl.load(k_ptr + rows * sk + h * D + d[None, :], mask=key_in[:, None], other=0.0)
+            v = tl.load(v_ptr + rows * sv + h * D + d[None, :], mask=key_in[:, None], other=0.0)
+            seed = tl.load(seed_ptr) if DROPOUT else 0
+            for m0 in range(0, length, BM):
+                m = m0 + tl.arange(0, BM)
+                q_in = m < length
+                qrows = (start + m).to(tl.int64)[:, None]
+                q = tl.load(q_ptr + qrows * sq + h * D + d[None, :], mask=q_in[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k)) * scale_log2  # log2 units: exp2 below
+                s = tl.where(key_in[None, :], s, float("-inf"))
+                top = tl.max(s, 1)
+                e = tl.exp2(s - top[:, None])
+                total = tl.sum(e, 1)
+                p = e / total[:, None]
+                tl.store(lse_ptr + (start + m) * H + h, top + tl.log2(total), mask=q_in)
+                if DROPOUT:
+                    keep = _keep(seed, (seq * H + h) * OFFSETS + m0 * (BN // 8), BM, BN, threshold)
+                    p = tl.where(keep, p * inv_keep, 0.0)
+                o = tl.dot(p.to(v.dtype), v)
+                tl.store(o_ptr + qrows * so + h * D + d[None, :], o.to(o_ptr.dtype.element_ty), mask=q_in[:, None])
+
+    @triton.jit
+    def _bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cu_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
+                    sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep,
+                    LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr):
+        seq, h = tl.program_id(0), tl.program_id(1)
+        start = tl.load(cu_ptr + seq)
+        length = tl.load(cu_ptr + seq + 1) - start
+        if (length > LO) & (length <= BN):
+            d = tl.arange(0, D)
+            n = tl.arange(0, BN)
+            key_in = n < length
+            rows = (start + n).to(tl.int64)[:, None]
+            k = tl.load(k_ptr + rows * sk + h * D + d[None, :], mask=key_in[:, None], other=0.0)
+            v = tl.load(v_ptr + rows * sv + h * D + d[None, :], mask=key_in[:, None], other=0.0)
+            dk = tl.zeros((BN, D), dtype=tl.float32)
+            dv = tl.zeros((BN, D), dtype=tl.float32)
+            seed = tl.load(seed_ptr) if DROPOUT else 0
+            for m0 in range(0, length, BM):
+                m = m0 + tl.arange(0, BM)
+                q_in = m < length
+                qrows = (start + m).to(tl.int64)[:, None]
+                q = tl.load(q_ptr + qrows * sq + h * D + d[None, :], mask=q_in[:, None], other=0.0)
+                g = tl.load(g_ptr + qrows * sg + h * D + d[None, :], mask=q_in[:, None], other=0.0)
+                lse = tl.load(lse_ptr + (start + m) * H + h, mask=q_in, other=float("inf"))
+                s = tl.dot(q, tl.trans(k)) * scale_log2
+                s = tl.where(key_in[None, :], s, float("-inf"))
+                p = tl.exp2(s - lse[:, None])  # the forward's probabilities; 0 outside the sequence
+                dp = tl.dot(g, tl.trans(v))  # gradient of the (dropped-out) probabilities
+                if DROPOUT:
+                    keep = _keep(seed, (seq * H + h) * OFFSETS + m0 * (BN // 8), BM, BN, threshold)
+                    pd = tl.where(keep, p * inv_keep, 0.0)
+                    dp = tl.where(keep, dp * inv_keep, 0.0)
+                else:
+                    pd = p
+                dv += tl.dot(tl.trans(pd.to(g.dtype)), g)
+                ds = p * (dp - tl.sum(p * dp, 1)[:, None])  # softmax backward; the whole row is here
+                ds = ds.to(q.dtype)
+                dq = tl.dot(ds, k) * scale
+                tl.store(dq_ptr + qrows * sdq + h * D + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_in[:, None])
+                dk += tl.dot(tl.trans(ds), q)
+            tl.store(dk_ptr + rows * sdk + h * D + d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+                     mask=key_in[:, None])
+            tl.store(dv_ptr + rows * sdv + h * D + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=key_in[:, None])
+
+
+def _launches(max_len: int):
+    """(lowest length exclusive, key tile) for each launch that sequences up to ``max_len`` need."""
+    out, low = [], 0
+    for tile in TILES:
+        if low >= max_len:
+            break
+        out.append((low, tile))
+        low = tile
+    return out
+
+
+def _dropout_args(dropout: float) -> tuple[int, float]:
+    return round(dropout * 65536), (1.0 / (1.0 - dropout) if dropout < 1.0 else 0.0)
+
+
+@torch.library.custom_op("seqcls::short_attention_fwd", mutates_args=())
+def _attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int,
+                   dropout: float, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tokens, heads, dim = query.shape
+    out = torch.empty(tokens, heads, dim, dtype=query.dtype, device=query.device)
+    lse = torch.empty(tokens, heads, dtype=torch.float32, device=query.device)
+    # Drawn on the device: a CUDA-graph replay draws a new seed (a Python int would be baked into the graph).
+    seed = (torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device) if dropout > 0
+            else torch.zeros(1, dtype=torch.int64, device=query.device))
+    threshold, inv_keep = _dropout_args(dropout)
+    for low, tile in _launches(max_len):
+        block, warps = _CONFIG[tile]
+        _fwd_kernel[(cu.numel() - 1, heads)](
+            query, key, value, out, lse, cu, seed, query.stride(0), key.stride(0), value.stride(0), out.stride(0),
+            heads, scale * 1.4426950408889634, threshold, inv_keep,
+            LO=low, BN=tile, BM=block, D=dim, DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM, num_warps=warps)
+    return out, lse, seed
+
+
+@_attention_fwd.register_fake
+def _(query, key, value, cu, max_len, dropout, scale):
+    tokens, heads, _ = query.shape
+    return (torch.empty_like(query), query.new_empty(tokens, heads, dtype=torch.float32),
+            query.new_empty(1, dtype=torch.int64))
+
+
+@torch.library.custom_op("seqcls::short_attention_bwd", mutates_args=())
+def _attention_bwd(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   lse: torch.Tensor, seed: torch.Tensor, cu: torch.Tensor, max_len: int, dropout: float,
+                   scale: float, fused: bool) -> torch.Tensor:
+    """The gradients of query, key and value: with ``fused`` one (tokens, 3 * heads * dim) tensor (the
+    gradient of a fused projection whose thirds they are), else (3, tokens, heads, dim)."""
+    tokens, heads, dim = query.shape
+    if fused:
+        out = torch.empty(tokens, 3 * heads * dim, dtype=query.dtype, device=query.device)
+        dq, dk, dv = (t.view(tokens, heads, dim) for t in out.chunk(3, dim=-1))
+    else:
+        out = torch.empty(3, tokens, heads, dim, dtype=query.dtype, device=query.device)
+        dq, dk, dv = out.unbind(0)
+    threshold, inv_keep = _dropout_args(dropout)
+    for low, tile in _launches(max_len):
+        block, warps = _CONFIG[tile]
+        _bwd_kernel[(cu.numel() - 1, heads)](
+            query, key, value, grad, lse, cu, seed, dq, dk, dv,
+            query.stride(0), key.stride(0), value.stride(0), grad.stride(0), dq.stride(0), dk.stride(0), dv.stride(0),
+            heads, scale, scale * 1.4426950408889634, threshold, inv_keep,
+            LO=low, BN=tile, BM=block, D=dim, DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM, num_warps=warps)
+    return out
+
+
+@_attention_bwd.register_fake
+def _(grad, query, key, value, lse, seed, cu, max_len, dropout, scale, fused):
+    tokens, heads, dim = query.shape
+    return query.new_empty(tokens, 3 * heads * dim) if fused else query.new_empty(3, tokens, heads, dim)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, cu, max_len, dropout, scale = inputs
+    _, lse, seed = output
+    ctx.save_for_backward(query, key, value, lse, seed, cu)
+    ctx.max_len, ctx.dropout, ctx.scale = max_len, dropout, scale
+    # One buffer for the three gradients when query, key and value are the thirds of one row.
+    width = query.shape[1] * query.shape[2]
+    ctx.fused = (query.stride(0) == key.stride(0) == value.stride(0) == 3 * width
+                 and key.data_ptr() == query.data_ptr() + width * query.element_size()
+                 and value.data_ptr() == key.data_ptr() + width * query.element_size())
+
+
+def _backward(ctx, grad, _grad_lse, _grad_seed):
+    query, key, value, lse, seed, cu = ctx.saved_tensors
+    grad = grad if grad.stride(-1) == 1 and grad.stride(1) == grad.shape[2] else grad.contiguous()
+    grads = _attention_bwd(grad, query, key, value, lse, seed, cu, ctx.max_len, ctx.dropout, ctx.scale, ctx.fused)
+    if ctx.fused:
+        dq, dk, dv = (t.view_as(query) for t in grads.chunk(3, dim=-1))
+    else:
+        dq, dk, dv = grads.unbind(0)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (tokens, heads, dim) with each token's heads and dims laid out contiguously (what the kernels read)."""
+    heads, dim = x.shape[1:]
+    return x if x.stride(2) == 1 and x.stride(1) == dim else x.contiguous()
+
+
+def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int, *,
+                    dropout: float, scale: float) -> torch.Tensor:
+    """Packed self-attention: rows [cu[i], cu[i+1]) attend to themselves alone. query, key, value
+    (tokens, heads, dim); cu int32 (sequences + 1,), every token inside some sequence, none longer than
+    ``max_len`` (at most 256); returns (tokens, heads, dim). Check supported() first."""
+    if max_len > max(TILES):
+        raise ValueError(f"short_attention takes sequences of up to {max(TILES)} tokens, got max_len {max_len}")
+    return _attention_fwd(_rows(query), _rows(key), _rows(value), cu, int(max_len), float(dropout), float(scale))[0]
+
+
+class _ShortSelfAttention(torch.autograd.Function):
+    """short_attention on the thirds of one (tokens, 3 * heads * dim) tensor, whose gradient the backward
+    writes whole: no concatenation of three gradients."""
+
+    @staticmethod
+    def forward(ctx, qkv, head_dim: int, cu, max_len: int, dropout: float, scale: float):
+        query, key, value = (t.view(qkv.shape[0], -1, head_dim) for t in qkv.chunk(3, dim=-1))
+        out, lse, seed = _attention_fwd(query, key, value, cu, max_len, dropout, scale)
+        ctx.save_for_backward(qkv, lse, seed, cu)
+        ctx.args = head_dim, max_len, dropout, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkv, lse, seed, cu = ctx.saved_tensors
+        head_dim, max_len, dropout, scale = ctx.args
+        query, key, value = (t.view(qkv.shape[0], -1, head_dim) for t in qkv.chunk(3, dim=-1))
+        grad = grad if grad.stride(-1) == 1 and grad.stride(1) == grad.shape[2] else grad.contiguous()
+        return _attention_bwd(grad, query, key, value, lse, seed, cu, max_len, dropout, scale, True), \
+            None, None, None, None, None
+
+
+def short_self_attention(qkv: torch.Tensor, head_dim: int, cu: torch.Tensor, max_len: int, *, dropout: float,
+                         scale: float) -> torch.Tensor:
+    """short_attention of query, key and value given as the thirds of ``qkv`` (tokens, 3 * heads * head_dim),
+    with the gradient of ``qkv`` written as one tensor; returns (tokens, heads, head_dim)."""
+    if max_len > max(TILES):
+        raise ValueError(f"short_attention takes sequences of up to {max(TILES)} tokens, got max_len {max_len}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    return _ShortSelfAttention.apply(qkv, int(head_dim), cu, int(max_len), float(dropout), float(scale))

@@ -1,0 +1,98 @@
+"""Runs seqcls.short_attention's kernels in Triton's CPU interpreter and prints what the tests check, as
+JSON. A separate process: the interpreter must be on before the kernels are defined (at import), and the
+rest of the suite must not see it. Half precision (the interpreter's bfloat16 is not usable)."""
+
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from seqcls.short_attention import short_attention, short_self_attention  # noqa: E402
+
+
+def packed(lens: list[int]) -> tuple[torch.Tensor, int]:
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    return cu, int(cu[-1])
+
+
+def reference(q, k, v, cu, scale):
+    """Attention within each packed sequence, fp32, through a block-diagonal mask."""
+    seq = torch.searchsorted(cu[1:], torch.arange(q.shape[0], dtype=cu.dtype), right=True)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=seq[:, None] == seq[None, :], scale=scale)
+    return out.transpose(0, 1)
+
+
+def match() -> dict:
+    """Forward and gradients against fp32, lengths in every key tile (32, 64, 128, 256) and at their edges."""
+    torch.manual_seed(0)
+    heads, dim = 2, 16
+    lens = [5, 33, 1, 70, 17, 200, 64, 65, 32, 128, 129]
+    cu, tokens = packed(lens)
+    qkv = torch.randn(tokens, 3 * heads * dim)
+    grad = torch.randn(tokens, heads, dim)
+    ref_in = qkv.half().float().requires_grad_()
+    ref = reference(*(t.view(tokens, heads, dim) for t in ref_in.chunk(3, dim=-1)), cu, dim ** -0.5)
+    ref.backward(grad.half().float())
+    fused = qkv.half().requires_grad_()
+    out_fused = short_self_attention(fused, dim, cu, 256, dropout=0.0, scale=dim ** -0.5)
+    out_fused.backward(grad.half())
+    parts = [t.reshape(tokens, heads, dim).contiguous().half().requires_grad_() for t in qkv.chunk(3, dim=-1)]
+    out_parts = short_attention(*parts, cu, 256, dropout=0.0, scale=dim ** -0.5)
+    out_parts.backward(grad.half())
+    grad_parts = torch.cat([p.grad.reshape(tokens, -1) for p in parts], dim=-1)
+    err = lambda a, b: (a.float() - b).abs().max().item()  # noqa: E731
+    return {"fwd_fused": err(out_fused, ref), "fwd_parts": err(out_parts, ref), "grad_fused": err(fused.grad, ref_in.grad),
+            "grad_parts": err(grad_parts, ref_in.grad), "ref_out": ref.abs().max().item(),
+            "ref_grad": ref_in.grad.abs().max().item()}
+
+
+def dropout() -> dict:
+    """Value rows one-hot within each sequence: the output is the dropped-out attention matrix, whose
+    zeros are the mask. The gradients must be those of attention under that mask."""
+    torch.manual_seed(0)
+    heads, dim, p = 2, 64, 0.3
+    lens = [37, 1, 63, 37, 5]
+    cu, tokens = packed(lens)
+    q, k = torch.randn(tokens, heads, dim).half(), torch.randn(tokens, heads, dim).half()
+    v = torch.zeros(tokens, heads, dim)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        v[a:b, :, :b - a] = torch.eye(b - a)[:, None, :]
+    v = v.half()
+    grad = torch.randn(tokens, heads, dim).half()
+
+    def run(seed):
+        torch.manual_seed(seed)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = short_attention(*leaves, cu, 64, dropout=p, scale=dim ** -0.5)
+        out.backward(grad)
+        return out.detach(), [t.grad for t in leaves]
+
+    out, grads = run(1)
+    again, _ = run(1)
+    other, _ = run(2)
+    ref_in = [t.float().requires_grad_() for t in (q, k, v)]
+    outs, masks = [], []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        scores = torch.einsum("ihd,jhd->hij", ref_in[0][a:b], ref_in[1][a:b]) * dim ** -0.5
+        mask = (out[a:b, :, :b - a].float().permute(1, 0, 2) != 0).float()  # (heads, query, key)
+        masks.append(mask)
+        outs.append(torch.einsum("hij,jhd->ihd", scores.softmax(-1) * mask / (1 - p), ref_in[2][a:b]))
+    ref = torch.cat(outs)
+    ref.backward(grad.float())
+    kept = torch.cat([m.flatten() for m in masks])
+    return {"fwd": (out.float() - ref).abs().max().item(),
+            "grads": [(g.float() - r.grad).abs().max().item() for g, r in zip(grads, ref_in)],
+            "ref_grads": [r.grad.abs().max().item() for r in ref_in],
+            "dropped": 1 - kept.mean().item(), "entries": kept.numel(),
+            "same_across_heads": [torch.equal(m[0], m[1]) for m in masks if m.shape[1] > 1],
+            "same_across_equal_lengths": torch.equal(masks[0], masks[3]),
+            "same_seed_same_output": torch.equal(out, again), "other_seed_same_output": torch.equal(out, other)}
+
+
+if __name__ == "__main__":
+    print(json.dumps({"match": match, "dropout": dropout}[sys.argv[1]]()))
