@@ -20,6 +20,8 @@ Variants (roberta-large's 16 heads of 64; query/key/value as views of one fused 
   its dropout rows time a wrong computation and seqcls runs it only without attention dropout;
 - efficient varlen, packed, one q/k/v gradient: the same writing the gradient of the fused projection
   as one tensor (seqcls.models._EfficientVarlenQKV), what packed training runs without attention dropout;
+- short (Triton), packed, one q/k/v gradient: seqcls's short-sequence kernel (seqcls.short_attention:
+  one program per sequence and head), what packed training runs by default where Triton runs;
 - flash varlen, gather/scatter: the same, taking the real tokens out of the padded projection and
   putting the output back (what it would cost inside a padded model).
 
@@ -27,7 +29,7 @@ Variants (roberta-large's 16 heads of 64; query/key/value as views of one fused 
 sequences whose value rows are one-hot within each sequence (so the output is the dropped-out attention
 matrix P): whether the backward replays the forward's mask (the value gradient against P^T @ grad), the
 fraction dropped, and whether the mask repeats across heads or across two sequences of one length. The
-kernels are FlashAttention's, the memory-efficient kernel's and cuDNN's ragged mode (query/key/value
+kernels are FlashAttention's, the memory-efficient kernel's, seqcls's short-sequence kernel and cuDNN's ragged mode (query/key/value
 packed as for the others, cumulative sequence lengths). Then each one's forward + backward time on the
 last --batch's first random batch of MRPC: as CUDA graphs, but cuDNN's ragged mode eagerly, and last an
 attempt to capture it.

@@ -393,7 +393,10 @@ def flash_varlen_supported(device: torch.device, head_dim: int) -> bool:
 
 
 def _varlen_kernel(query: torch.Tensor, dropout: float, kernel: str, max_len: int = 0) -> Optional[str]:
-    """Which kernel varlen attention runs: flash, efficient, or None for the reference. The
+    """Which kernel varlen attention runs: short, flash, efficient, or None for the reference. auto and
+    short take seqcls.short_attention's Triton kernel where it runs (CUDA, bf16/fp16, self-attention with
+    sequences up to 256 tokens: ``max_len``, 0 where the queries are not the keys); on MRPC's packed
+    batches it was faster than every kernel below, with and without dropout (docs/benchmarks.md). The
     memory-efficient kernel only without attention dropout: on packed sequences its forward draws one mask
     for every head and every sequence of a length (in torch 2.11 the variable-length forward passes the
     kernel 0 keys, which zeroes each (sequence, head)'s RNG offset), and its backward draws another
@@ -415,9 +418,11 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """Attention over packed sequences: query rows [cu_q[i], cu_q[i+1]) attend to key/value rows
     [cu_k[i], cu_k[i+1]) alone. query (Tq, heads, dim), key and value (Tk, heads, dim), cu_* int32
     (sequences + 1,), max_*: bounds on a sequence's length; returns (Tq, heads, dim). On CUDA in
-    bf16/fp16 where they run (flash_varlen_supported), FlashAttention's varlen kernels, or without
-    dropout the memory-efficient kernel's unless ``kernel`` is flash (_varlen_kernel); elsewhere the
-    same attention as SDPA with a block-diagonal mask (memory quadratic in the packed length)."""
+    bf16/fp16: for self-attention (``cu_q is cu_k``) on sequences up to 256 tokens seqcls's Triton kernel
+    (seqcls.short_attention) unless ``kernel`` is flash or efficient; otherwise, where they run
+    (flash_varlen_supported), FlashAttention's varlen kernels, or without dropout the memory-efficient
+    kernel's unless ``kernel`` is flash (_varlen_kernel); elsewhere the same attention as SDPA with a
+    block-diagonal mask (memory quadratic in the packed length)."""
     chosen = _varlen_kernel(query, dropout, kernel, max(max_q, max_k) if cu_q is cu_k else 0)
     if chosen == "short":
         from seqcls.short_attention import short_attention
@@ -436,8 +441,9 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def varlen_self_attention(qkv: torch.Tensor, head_dim: int, cu: torch.Tensor, max_len: int, *, dropout: float,
                           scale: float, kernel: str = "auto") -> torch.Tensor:
     """varlen_attention of packed sequences on themselves, query, key and value given as the thirds of
-    ``qkv`` (tokens, 3 * heads * head_dim). With the memory-efficient kernel the backward writes the
-    gradient of ``qkv`` whole (_EfficientVarlenQKV); otherwise it is varlen_attention on the thirds."""
+    ``qkv`` (tokens, 3 * heads * head_dim). With the short-sequence and the memory-efficient kernels the
+    backward writes the gradient of ``qkv`` whole (short_self_attention, _EfficientVarlenQKV); otherwise
+    it is varlen_attention on the thirds."""
     query, key, value = (p.view(qkv.shape[0], -1, head_dim) for p in qkv.chunk(3, dim=-1))
     chosen = _varlen_kernel(query, dropout, kernel, max_len)
     if chosen == "short":
