@@ -79,13 +79,13 @@ def test_the_memory_efficient_kernel_runs_only_without_attention_dropout(monkeyp
     from seqcls import short_attention
     monkeypatch.setattr(models, "flash_varlen_supported", lambda device, head_dim: True)
     query = torch.empty(16, 2, 64, dtype=torch.bfloat16, device="meta")
-    monkeypatch.setattr(short_attention, "supported", lambda query, max_len: False)
+    monkeypatch.setattr(short_attention, "supported", lambda query, max_len, sequences: False)
     for kernel, dropout, expected in (("auto", 0.0, "efficient"), ("efficient", 0.0, "efficient"),
                                       ("flash", 0.0, "flash"), ("auto", 0.1, "flash"), ("efficient", 0.1, "flash"),
                                       ("short", 0.1, "flash")):
         assert models._varlen_kernel(query, dropout, kernel, 128) == expected, (kernel, dropout)
     assert models._varlen_kernel(query.float(), 0.0, "auto") is None  # fp32: the reference attention
-    monkeypatch.setattr(short_attention, "supported", lambda query, max_len: max_len <= 256)
+    monkeypatch.setattr(short_attention, "supported", lambda query, max_len, sequences: max_len <= 256)
     for kernel, dropout, max_len, expected in (("auto", 0.1, 128, "short"), ("auto", 0.0, 128, "short"),
                                                ("short", 0.1, 256, "short"), ("auto", 0.1, 512, "flash"),
                                                ("flash", 0.1, 128, "flash"), ("efficient", 0.0, 128, "efficient")):
@@ -102,6 +102,8 @@ def test_short_kernel_supports_half_precision_heads_and_lengths_it_compiles_for(
     assert not short_attention.supported(half, 257)  # longer than the widest tile
     assert not short_attention.supported(half.float(), 128)  # fp32 runs the reference
     assert not short_attention.supported(torch.empty(4, 2, 48, dtype=torch.float16), 128)  # head size
+    assert short_attention.supported(half, 128, sequences=131071)  # 2 heads: 262,142 Philox ranges of 8192
+    assert not short_attention.supported(half, 128, sequences=131072)  # 2**31 counters: past 32 bits
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not short_attention.supported(half, 128)  # CPU tensors without the interpreter
 
@@ -237,7 +239,21 @@ def test_asking_for_the_short_kernel_where_it_cannot_run_is_one_clear_error(tmp_
     base = synthetic_overrides(synthetic_dir, tmp_path) + ["compile.pack_sequences=true", "compile.varlen_kernel=short"]
     with pytest.raises(ConfigError, match="takes sequences of up to 256 tokens, and dataset.max_length is 300"):
         build_trainer(compose_cfg(base + ["dataset.max_length=300"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"dataset.max_length is 64 \(compile.pack_bucket 512\)"):
+        build_trainer(compose_cfg(base + ["dataset.max_length=64", "compile.pack_bucket=512"]), tmp_path)
     monkeypatch.setattr(short_attention, "available", lambda: False)
     with pytest.raises(ConfigError, match="compile.varlen_kernel=short needs Triton, which is not installed"):
         build_trainer(compose_cfg(base), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_packed_length_bound_covers_the_filler_when_pack_bucket_is_longer_than_the_examples(tmp_path, synthetic_dir):
+    """The GPU kernels compute sequences up to this bound only (FlashAttention's query blocks, the Triton
+    kernel's tiles): a filler longer than it would be left uncomputed."""
+    base = synthetic_overrides(synthetic_dir, tmp_path) + ["compile.pack_sequences=true", "dataset.max_length=32"]
+    for bucket, bound in ((16, 32), (64, 64)):
+        trainer = build_trainer(compose_cfg(base + [f"compile.pack_bucket={bucket}"]), tmp_path / str(bucket))
+        layers = trainer.model.base_model.encoder.layer
+        assert {layer.attention.self.packed_max_length for layer in layers} == {bound}
+        batch = next(iter(trainer.train_loader))
+        assert (batch["cu_seq_lens"].diff() <= bound).all()

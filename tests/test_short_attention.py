@@ -42,7 +42,7 @@ def test_dropout_mask_is_replayed_by_the_backward_and_independent_across_heads_a
     assert r["same_seed_same_output"] and not r["other_seed_same_output"], r
 
 
-def test_longer_sequences_than_the_widest_tile_are_refused():
+def test_sequences_longer_than_the_widest_tile_or_past_the_dropout_counters_are_refused():
     from seqcls.short_attention import short_attention, short_self_attention
     x = torch.zeros(4, 2, 16, dtype=torch.float16)
     cu = torch.tensor([0, 4], dtype=torch.int32)
@@ -50,3 +50,7 @@ def test_longer_sequences_than_the_widest_tile_are_refused():
         short_attention(x, x, x, cu, 300, dropout=0.0, scale=0.25)
     with pytest.raises(ValueError, match="up to 256 tokens"):
         short_self_attention(torch.zeros(4, 96, dtype=torch.float16), 16, cu, 257, dropout=0.0, scale=0.25)
+
+    big = torch.tensor([0] * 131072 + [4], dtype=torch.int32)  # 131,072 sequences x 2 heads
+    with pytest.raises(ValueError, match="pairs a call, got 131072 x 2"):
+        short_attention(x, x, x, big, 128, dropout=0.1, scale=0.25)

@@ -203,7 +203,9 @@ def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch
     elif not default_collator:
         raise ConfigError("compile.pack_sequences=true replaces the training collator, and dataloader.collate_fn "
                           "names another; drop one of the two")
-    if not pack_sequences(model, cfg.dataset.max_length, cfg.compile.varlen_kernel):
+    # The longest packed sequence: an example (truncated to dataset.max_length) or the filler (at most pack_bucket).
+    longest = max(cfg.dataset.max_length, cfg.compile.pack_bucket)
+    if not pack_sequences(model, longest, cfg.compile.varlen_kernel):
         if setting:
             raise ConfigError("compile.pack_sequences=true needs a BERT-family encoder (bert, roberta, xlm-roberta, "
                               "electra, camembert) with sdpa or eager attention and model.first_token_last_layer=true; "
@@ -220,10 +222,10 @@ def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch
         if not short_attention.available():
             raise ConfigError("compile.varlen_kernel=short needs Triton, which is not installed; "
                               "pip install triton, or use compile.varlen_kernel=auto")
-        if cfg.dataset.max_length > max(short_attention.TILES):
+        if longest > max(short_attention.TILES):
             raise ConfigError(f"compile.varlen_kernel=short takes sequences of up to {max(short_attention.TILES)} "
-                              f"tokens, and dataset.max_length is {cfg.dataset.max_length}; "
-                              f"lower dataset.max_length or use compile.varlen_kernel=auto")
+                              f"tokens, and dataset.max_length is {cfg.dataset.max_length} (compile.pack_bucket "
+                              f"{cfg.compile.pack_bucket}); lower them or use compile.varlen_kernel=auto")
     log.info("training on packed sequences (no padding; attention within each sequence)")
     return packed_position_offset(model)
 

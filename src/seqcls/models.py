@@ -287,7 +287,8 @@ def pack_sequences(model: PreTrainedModel, max_length: int, kernel: str = "auto"
     within each sequence by a variable-length kernel (varlen_attention). The matrix multiplies,
     LayerNorms and dropouts then run on real tokens only, not on the padding of a padded batch. Needs
     the first-token last layer (first_token_last_layer), which gives the head one row a sequence.
-    ``max_length``: no sequence is longer (the data's truncation length); ``kernel``: varlen_attention's.
+    ``max_length``: no packed sequence is longer (the data's truncation length, or the filler's
+    pack_bucket where that is longer); ``kernel``: varlen_attention's.
     Padded batches (evaluation, prediction) run as before. Returns whether the model qualified."""
     layers = _encoder_layers(model)
     if layers is None or "forward" not in vars(layers[-1]):
@@ -392,7 +393,8 @@ def flash_varlen_supported(device: torch.device, head_dim: int) -> bool:
             and head_dim % 8 == 0 and head_dim <= 256)
 
 
-def _varlen_kernel(query: torch.Tensor, dropout: float, kernel: str, max_len: int = 0) -> Optional[str]:
+def _varlen_kernel(query: torch.Tensor, dropout: float, kernel: str, max_len: int = 0,
+                   sequences: int = 1) -> Optional[str]:
     """Which kernel varlen attention runs: short, flash, efficient, or None for the reference. auto and
     short take seqcls.short_attention's Triton kernel where it runs (CUDA, bf16/fp16, self-attention with
     sequences up to 256 tokens: ``max_len``, 0 where the queries are not the keys); on MRPC's packed
@@ -405,7 +407,7 @@ def _varlen_kernel(query: torch.Tensor, dropout: float, kernel: str, max_len: in
     roberta-large's heads at b32 and b256 (docs/benchmarks.md)."""
     if kernel in ("auto", "short"):
         from seqcls import short_attention
-        if short_attention.supported(query, max_len):
+        if short_attention.supported(query, max_len, sequences):
             return "short"
     if not (query.dtype in (torch.bfloat16, torch.float16) and flash_varlen_supported(query.device, query.shape[-1])):
         return None
@@ -423,7 +425,7 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     (flash_varlen_supported), FlashAttention's varlen kernels, or without dropout the memory-efficient
     kernel's unless ``kernel`` is flash (_varlen_kernel); elsewhere the same attention as SDPA with a
     block-diagonal mask (memory quadratic in the packed length)."""
-    chosen = _varlen_kernel(query, dropout, kernel, max(max_q, max_k) if cu_q is cu_k else 0)
+    chosen = _varlen_kernel(query, dropout, kernel, max(max_q, max_k) if cu_q is cu_k else 0, cu_q.shape[0] - 1)
     if chosen == "short":
         from seqcls.short_attention import short_attention
         return short_attention(query, key, value, cu_q, max(max_q, max_k), dropout=dropout, scale=scale)
@@ -445,7 +447,7 @@ def varlen_self_attention(qkv: torch.Tensor, head_dim: int, cu: torch.Tensor, ma
     backward writes the gradient of ``qkv`` whole (short_self_attention, _EfficientVarlenQKV); otherwise
     it is varlen_attention on the thirds."""
     query, key, value = (p.view(qkv.shape[0], -1, head_dim) for p in qkv.chunk(3, dim=-1))
-    chosen = _varlen_kernel(query, dropout, kernel, max_len)
+    chosen = _varlen_kernel(query, dropout, kernel, max_len, cu.shape[0] - 1)
     if chosen == "short":
         from seqcls.short_attention import short_self_attention
         return short_self_attention(qkv, head_dim, cu, max_len, dropout=dropout, scale=scale)

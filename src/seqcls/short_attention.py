@@ -44,11 +44,17 @@ def available() -> bool:
     return triton is not None
 
 
-def supported(query: torch.Tensor, max_len: int) -> bool:
-    """Whether this kernel takes the packed query (tokens, heads, dim) with sequences up to ``max_len``."""
+def supported(query: torch.Tensor, max_len: int, sequences: int = 1) -> bool:
+    """Whether this kernel takes the packed query (tokens, heads, dim) of ``sequences`` sequences up to
+    ``max_len`` tokens long."""
     return (available() and (query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
             and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in (16, 32, 64, 128)
-            and 0 < max_len <= max(TILES))
+            and 0 < max_len <= max(TILES) and _counters_fit(sequences, query.shape[1]))
+
+
+def _counters_fit(sequences: int, heads: int) -> bool:
+    """The dropout's Philox counters are 32-bit: each (sequence, head) takes a range of its own."""
+    return sequences * heads * _OFFSETS_PER_PROGRAM < 2**31
 
 
 if triton is not None:
@@ -245,13 +251,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 and x.stride(1) == dim else x.contiguous()
 
 
+def _check(max_len: int, sequences: int, heads: int) -> None:
+    if max_len > max(TILES):
+        raise ValueError(f"short_attention takes sequences of up to {max(TILES)} tokens, got max_len {max_len}")
+    if not _counters_fit(sequences, heads):
+        raise ValueError(f"short_attention takes fewer than {2**31 // _OFFSETS_PER_PROGRAM} (sequence, head) pairs "
+                         f"a call, got {sequences} x {heads}")
+
+
 def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int, *,
                     dropout: float, scale: float) -> torch.Tensor:
     """Packed self-attention: rows [cu[i], cu[i+1]) attend to themselves alone. query, key, value
     (tokens, heads, dim); cu int32 (sequences + 1,), every token inside some sequence, none longer than
     ``max_len`` (at most 256); returns (tokens, heads, dim). Check supported() first."""
-    if max_len > max(TILES):
-        raise ValueError(f"short_attention takes sequences of up to {max(TILES)} tokens, got max_len {max_len}")
+    _check(max_len, cu.numel() - 1, query.shape[1])
     return _attention_fwd(_rows(query), _rows(key), _rows(value), cu, int(max_len), float(dropout), float(scale))[0]
 
 
@@ -281,8 +294,7 @@ def short_self_attention(qkv: torch.Tensor, head_dim: int, cu: torch.Tensor, max
                          scale: float) -> torch.Tensor:
     """short_attention of query, key and value given as the thirds of ``qkv`` (tokens, 3 * heads * head_dim),
     with the gradient of ``qkv`` written as one tensor; returns (tokens, heads, head_dim)."""
-    if max_len > max(TILES):
-        raise ValueError(f"short_attention takes sequences of up to {max(TILES)} tokens, got max_len {max_len}")
+    _check(max_len, cu.numel() - 1, qkv.shape[1] // (3 * head_dim))
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     return _ShortSelfAttention.apply(qkv, int(head_dim), cu, int(max_len), float(dropout), float(scale))
