@@ -11,11 +11,12 @@ sequences whose length falls in its range, so a 40-token sequence is not compute
 
 Dropout: the mask comes from Philox (a seed drawn on the device at each call, so every CUDA-graph
 replay draws a new one) at one call per 8 scores, 16 bits a score: an entry is dropped with probability
-round(p * 65536) / 65536 (1.5e-6 from p at most) and the kept ones are scaled by 1 / (1 - p). The
+round(p * 65536) / 65536 (within 7.7e-6 of p) and the kept ones are scaled by 1 / (1 - p). The
 backward regenerates the same mask from the saved seed.
 
-Query, key and value come as three (tokens, heads, dim) views, typically the thirds of a fused
-projection (tokens, 3 * heads * dim), whose gradient the backward then writes as one tensor.
+short_attention takes query, key and value as three (tokens, heads, dim) tensors and returns three
+gradients; short_self_attention takes them as the thirds of one fused projection (tokens, 3 * heads * dim),
+as training has them, and its backward writes that tensor's gradient whole.
 """
 
 from __future__ import annotations
@@ -225,21 +226,14 @@ def _setup_context(ctx, inputs, output):
     _, lse, seed = output
     ctx.save_for_backward(query, key, value, lse, seed, cu)
     ctx.max_len, ctx.dropout, ctx.scale = max_len, dropout, scale
-    # One buffer for the three gradients when query, key and value are the thirds of one row.
-    width = query.shape[1] * query.shape[2]
-    ctx.fused = (query.stride(0) == key.stride(0) == value.stride(0) == 3 * width
-                 and key.data_ptr() == query.data_ptr() + width * query.element_size()
-                 and value.data_ptr() == key.data_ptr() + width * query.element_size())
 
 
 def _backward(ctx, grad, _grad_lse, _grad_seed):
+    """Three gradients (short_self_attention writes a fused projection's as one tensor)."""
     query, key, value, lse, seed, cu = ctx.saved_tensors
     grad = grad if grad.stride(-1) == 1 and grad.stride(1) == grad.shape[2] else grad.contiguous()
-    grads = _attention_bwd(grad, query, key, value, lse, seed, cu, ctx.max_len, ctx.dropout, ctx.scale, ctx.fused)
-    if ctx.fused:
-        dq, dk, dv = (t.view_as(query) for t in grads.chunk(3, dim=-1))
-    else:
-        dq, dk, dv = grads.unbind(0)
+    dq, dk, dv = _attention_bwd(grad, query, key, value, lse, seed, cu, ctx.max_len, ctx.dropout, ctx.scale,
+                                False).unbind(0)
     return dq, dk, dv, None, None, None, None
 
 
