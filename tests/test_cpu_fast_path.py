@@ -48,7 +48,9 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_fresh_embedding_gradient_e
 
     assert keep_freed_memory()
     faults_per_step()  # the first steps grow the heap
-    assert faults_per_step() < 4000
+    # The best of three windows: the heap may still grow in one (what earlier tests left behind decides
+    # when, ~5k faults a step once); without kept memory every window faults ~16k times a step.
+    assert min(faults_per_step() for _ in range(3)) < 4000
 
 
 def test_cpu_training_takes_the_fast_path_and_each_switch_turns_its_part_off(tmp_path, synthetic_dir):
