@@ -94,5 +94,26 @@ def dropout() -> dict:
             "same_seed_same_output": torch.equal(out, again), "other_seed_same_output": torch.equal(out, other)}
 
 
+def opcheck() -> dict:
+    """torch.library.opcheck of both ops without dropout (schema, fake implementations against the
+    kernels' outputs, autograd registration, tracing by AOTAutograd): a list of failures, empty if none."""
+    from seqcls.short_attention import _attention_bwd, _attention_fwd
+    torch.manual_seed(0)
+    heads, dim = 2, 16
+    cu, tokens = packed([5, 40, 1])
+    qkv = torch.randn(tokens, 3 * heads * dim).half()
+    q, k, v = (t.view(tokens, heads, dim) for t in qkv.chunk(3, dim=-1))
+    out, lse, seed = _attention_fwd(q, k, v, cu, 64, 0.0, 0.25)
+    failures = []
+    for op, args in ((_attention_fwd, (q.contiguous().requires_grad_(), k.contiguous(), v.contiguous(), cu, 64, 0.0, 0.25)),
+                     (_attention_fwd, (q, k, v, cu, 64, 0.0, 0.25)),
+                     (_attention_bwd, (out, q, k, v, lse, seed, cu, 64, 0.0, 0.25, True)),
+                     (_attention_bwd, (out, q, k, v, lse, seed, cu, 64, 0.0, 0.25, False))):
+        for name, result in torch.library.opcheck(op, args).items():
+            if result != "SUCCESS":
+                failures.append(f"{op}: {name}: {result}")
+    return {"failures": failures}
+
+
 if __name__ == "__main__":
-    print(json.dumps({"match": match, "dropout": dropout}[sys.argv[1]]()))
+    print(json.dumps({"match": match, "dropout": dropout, "opcheck": opcheck}[sys.argv[1]]()))

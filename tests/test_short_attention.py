@@ -42,6 +42,10 @@ def test_dropout_mask_is_replayed_by_the_backward_and_independent_across_heads_a
     assert r["same_seed_same_output"] and not r["other_seed_same_output"], r
 
 
+def test_the_custom_ops_fake_implementations_and_autograd_pass_torch_opcheck():
+    assert run_case("opcheck")["failures"] == []
+
+
 def test_sequences_longer_than_the_widest_tile_or_past_the_dropout_counters_are_refused():
     from seqcls.short_attention import short_attention, short_self_attention
     x = torch.zeros(4, 2, 16, dtype=torch.float16)

@@ -186,8 +186,8 @@ def _attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 @_attention_fwd.register_fake
 def _(query, key, value, cu, max_len, dropout, scale):
-    tokens, heads, _ = query.shape
-    return (torch.empty_like(query), query.new_empty(tokens, heads, dtype=torch.float32),
+    tokens, heads, dim = query.shape
+    return (query.new_empty(tokens, heads, dim), query.new_empty(tokens, heads, dtype=torch.float32),
             query.new_empty(1, dtype=torch.int64))
 
 
