@@ -25,6 +25,9 @@ Variants (roberta-large's 16 heads of 64; query/key/value as views of one fused 
 - flash varlen, gather/scatter: the same, taking the real tokens out of the padded projection and
   putting the output back (what it would cost inside a padded model).
 
+``--tune-short`` times seqcls's short-sequence kernel's (query block, warps) choices per key tile on each
+--batch's first random batch and prints the fastest (seqcls.short_attention._CONFIG).
+
 ``--check-dropout`` instead checks each variable-length kernel's attention dropout, eagerly, on four packed
 sequences whose value rows are one-hot within each sequence (so the output is the dropped-out attention
 matrix P): whether the backward replays the forward's mask (the value gradient against P^T @ grad), the
@@ -59,6 +62,8 @@ def main():
     ap.add_argument("--random-batches", action="store_true",
                     help="batches not grouped by length (what packed training draws)")
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--tune-short", action="store_true",
+                    help="time the short-sequence kernel's (query block, warps) choices per key tile instead of the table")
     ap.add_argument("--check-dropout", action="store_true",
                     help="check the varlen kernels' attention dropout and time them, instead of the table")
     ap.add_argument("--data-dir", default=None, help="GLUE MRPC TSV folder (default ../shared/data/mrpc)")
@@ -81,6 +86,8 @@ def main():
     scale = D ** -0.5
     if args.check_dropout:
         return check_dropout(args, lengths)
+    if args.tune_short:
+        return tune_short(args, lengths)
 
     def variants(lens: list[int], p: float) -> dict:
         B, T = len(lens), sum(lens)
@@ -188,6 +195,58 @@ def _short_kernel():
         print("Triton is not installed: the short-sequence kernel is left out", file=sys.stderr)
         return None
     return _ShortAdapter
+
+
+def tune_short(args, lengths: list[int]) -> None:
+    """Per key tile, each (query block, warps) choice of seqcls.short_attention, timed forward + backward
+    (fused q/k/v gradient) and forward alone on the first random batch of each --batch; the other tiles
+    keep their setting, and each tile keeps its fastest before the next is tried. Prints the choices to
+    put in seqcls.short_attention._CONFIG."""
+    import torch
+    import torch.nn.functional as F
+    from seqcls import short_attention
+    from seqcls.data import GlobalBatchSampler
+
+    if not short_attention.available():
+        sys.exit("--tune-short needs Triton")
+    H, D, dev, p = args.heads, args.head_dim, torch.device("cuda"), args.dropout
+    choices = {32: [(32, 1), (32, 2), (32, 4), (16, 1)], 64: [(64, 2), (64, 4), (64, 8), (32, 2), (32, 4), (16, 2)],
+               128: [(32, 2), (32, 4), (64, 4), (64, 8), (128, 8)], 256: [(16, 4), (32, 4), (32, 8), (64, 8)]}
+    for batch in (int(b) for b in args.batch.split(",")):
+        sampler = GlobalBatchSampler(lengths, local_batch_size=batch, grad_accum_steps=1, group_by_length=False)
+        lens = [lengths[i] for i in next(iter(sampler))]
+        cu = F.pad(torch.tensor(lens, device=dev).cumsum(0), (1, 0)).to(torch.int32)
+        T, L = sum(lens), max(lens)
+        qkv = torch.randn(T, 3 * H * D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(T, H, D, device=dev, dtype=torch.bfloat16)
+
+        def both():
+            out = short_attention.short_self_attention(qkv, D, cu, L, dropout=p, scale=D ** -0.5)
+            return torch.autograd.grad(out, qkv, grad)
+
+        def forward():
+            with torch.no_grad():
+                return short_attention.short_self_attention(qkv, D, cu, L, dropout=p, scale=D ** -0.5)
+
+        tiles = short_attention._launches(L)
+        counts = {tile: sum(low < n <= tile for n in lens) for low, tile in tiles}
+        print(f"\nbatch {batch}, dropout {p}: sequences per key tile {counts}; as is "
+              f"{cuda_graph_ms(both, args.reps)[0]:.3f} ms fwd+bwd, {cuda_graph_ms(forward, args.reps)[0]:.3f} fwd")
+        print("| key tile | query block | warps | ms fwd+bwd | ms fwd |\n|---|---|---|---|---|")
+        for _, tile in tiles:
+            best = None
+            for block, warps in choices[tile]:
+                short_attention._CONFIG[tile] = (block, warps)
+                try:
+                    ms, ms_fwd = cuda_graph_ms(both, args.reps)[0], cuda_graph_ms(forward, args.reps)[0]
+                except Exception as e:  # noqa: BLE001  (a choice Triton cannot compile: report it, go on)
+                    print(f"| {tile} | {block} | {warps} | failed: {str(e).splitlines()[0][:100]} | |")
+                    continue
+                print(f"| {tile} | {block} | {warps} | {ms:.3f} | {ms_fwd:.3f} |")
+                if best is None or ms < best[0]:
+                    best = (ms, block, warps)
+            short_attention._CONFIG[tile] = best[1:]
+        print(f"fastest: {dict(sorted(short_attention._CONFIG.items()))}, {cuda_graph_ms(both, args.reps)[0]:.3f} ms fwd+bwd")
 
 
 def _cudnn_ragged():
