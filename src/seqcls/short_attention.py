@@ -61,14 +61,32 @@ def _counters_fit(sequences: int, heads: int) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _keep(seed, base, BM: tl.constexpr, BN: tl.constexpr, threshold):
-        """(BM, BN) dropout keep-mask: one Philox call gives 4 x 32 random bits, 8 entries of 16 bits."""
+    def _keep(seed, seq, h, H, m0, threshold, BM: tl.constexpr, BN: tl.constexpr, OFFSETS: tl.constexpr):
+        """(BM, BN) dropout keep-mask of query rows m0.. of one (sequence, head), the same in the forward and
+        the backward: one Philox call gives 4 x 32 random bits, 8 entries of 16 bits."""
         W: tl.constexpr = BN // 8
+        base = (seq * H + h) * OFFSETS + m0 * W  # each (sequence, head) has OFFSETS counters of its own
         offsets = base + tl.arange(0, BM)[:, None] * W + tl.arange(0, W)[None, :]
         r0, r1, r2, r3 = tl.randint4x(seed, offsets)
         r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
         r = tl.join(r & 0xFFFF, (r >> 16) & 0xFFFF)
         return tl.reshape(r, (BM, BN)) >= threshold
+
+    @triton.jit
+    def _load_rows(ptr, rows, stride, h, D: tl.constexpr, inside):
+        """Head h's (rows, D) block of a (tokens, heads * D) tensor whose rows lie ``stride`` apart; zeros outside."""
+        return tl.load(ptr + rows.to(tl.int64)[:, None] * stride + h * D + tl.arange(0, D)[None, :],
+                       mask=inside[:, None], other=0.0)
+
+    @triton.jit
+    def _store_rows(ptr, rows, stride, h, D: tl.constexpr, inside, x):
+        tl.store(ptr + rows.to(tl.int64)[:, None] * stride + h * D + tl.arange(0, D)[None, :],
+                 x.to(ptr.dtype.element_ty), mask=inside[:, None])
+
+    @triton.jit
+    def _scores(q, k, key_in, scale_log2):
+        """Scaled scores in log2 units (for exp2), keys outside the sequence at -inf."""
+        return tl.where(key_in[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
 
     @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, seed_ptr,
@@ -79,30 +97,23 @@ if triton is not None:
         start = tl.load(cu_ptr + seq)
         length = tl.load(cu_ptr + seq + 1) - start
         if (length > LO) & (length <= BN):
-            d = tl.arange(0, D)
             n = tl.arange(0, BN)
             key_in = n < length
-            rows = (start + n).to(tl.int64)[:, None]
-            k = tl.load(k_ptr + rows * sk + h * D + d[None, :], mask=key_in[:, None], other=0.0)
-            v = tl.load(v_ptr + rows * sv + h * D + d[None, :], mask=key_in[:, None], other=0.0)
+            k = _load_rows(k_ptr, start + n, sk, h, D, key_in)
+            v = _load_rows(v_ptr, start + n, sv, h, D, key_in)
             seed = tl.load(seed_ptr) if DROPOUT else 0
             for m0 in range(0, length, BM):
                 m = m0 + tl.arange(0, BM)
                 q_in = m < length
-                qrows = (start + m).to(tl.int64)[:, None]
-                q = tl.load(q_ptr + qrows * sq + h * D + d[None, :], mask=q_in[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k)) * scale_log2  # log2 units: exp2 below
-                s = tl.where(key_in[None, :], s, float("-inf"))
+                s = _scores(_load_rows(q_ptr, start + m, sq, h, D, q_in), k, key_in, scale_log2)
                 top = tl.max(s, 1)
                 e = tl.exp2(s - top[:, None])
                 total = tl.sum(e, 1)
                 p = e / total[:, None]
                 tl.store(lse_ptr + (start + m) * H + h, top + tl.log2(total), mask=q_in)
                 if DROPOUT:
-                    keep = _keep(seed, (seq * H + h) * OFFSETS + m0 * (BN // 8), BM, BN, threshold)
-                    p = tl.where(keep, p * inv_keep, 0.0)
-                o = tl.dot(p.to(v.dtype), v)
-                tl.store(o_ptr + qrows * so + h * D + d[None, :], o.to(o_ptr.dtype.element_ty), mask=q_in[:, None])
+                    p = tl.where(_keep(seed, seq, h, H, m0, threshold, BM, BN, OFFSETS), p * inv_keep, 0.0)
+                _store_rows(o_ptr, start + m, so, h, D, q_in, tl.dot(p.to(v.dtype), v))
 
     @triton.jit
     def _bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cu_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
@@ -113,28 +124,24 @@ if triton is not None:
         start = tl.load(cu_ptr + seq)
         length = tl.load(cu_ptr + seq + 1) - start
         if (length > LO) & (length <= BN):
-            d = tl.arange(0, D)
             n = tl.arange(0, BN)
             key_in = n < length
-            rows = (start + n).to(tl.int64)[:, None]
-            k = tl.load(k_ptr + rows * sk + h * D + d[None, :], mask=key_in[:, None], other=0.0)
-            v = tl.load(v_ptr + rows * sv + h * D + d[None, :], mask=key_in[:, None], other=0.0)
+            k = _load_rows(k_ptr, start + n, sk, h, D, key_in)
+            v = _load_rows(v_ptr, start + n, sv, h, D, key_in)
             dk = tl.zeros((BN, D), dtype=tl.float32)
             dv = tl.zeros((BN, D), dtype=tl.float32)
             seed = tl.load(seed_ptr) if DROPOUT else 0
             for m0 in range(0, length, BM):
                 m = m0 + tl.arange(0, BM)
                 q_in = m < length
-                qrows = (start + m).to(tl.int64)[:, None]
-                q = tl.load(q_ptr + qrows * sq + h * D + d[None, :], mask=q_in[:, None], other=0.0)
-                g = tl.load(g_ptr + qrows * sg + h * D + d[None, :], mask=q_in[:, None], other=0.0)
+                q = _load_rows(q_ptr, start + m, sq, h, D, q_in)
+                g = _load_rows(g_ptr, start + m, sg, h, D, q_in)
                 lse = tl.load(lse_ptr + (start + m) * H + h, mask=q_in, other=float("inf"))
-                s = tl.dot(q, tl.trans(k)) * scale_log2
-                s = tl.where(key_in[None, :], s, float("-inf"))
-                p = tl.exp2(s - lse[:, None])  # the forward's probabilities; 0 outside the sequence
+                # the forward's probabilities; 0 outside the sequence
+                p = tl.exp2(_scores(q, k, key_in, scale_log2) - lse[:, None])
                 dp = tl.dot(g, tl.trans(v))  # gradient of the (dropped-out) probabilities
                 if DROPOUT:
-                    keep = _keep(seed, (seq * H + h) * OFFSETS + m0 * (BN // 8), BM, BN, threshold)
+                    keep = _keep(seed, seq, h, H, m0, threshold, BM, BN, OFFSETS)
                     pd = tl.where(keep, p * inv_keep, 0.0)
                     dp = tl.where(keep, dp * inv_keep, 0.0)
                 else:
@@ -142,12 +149,10 @@ if triton is not None:
                 dv += tl.dot(tl.trans(pd.to(g.dtype)), g)
                 ds = p * (dp - tl.sum(p * dp, 1)[:, None])  # softmax backward; the whole row is here
                 ds = ds.to(q.dtype)
-                dq = tl.dot(ds, k) * scale
-                tl.store(dq_ptr + qrows * sdq + h * D + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_in[:, None])
+                _store_rows(dq_ptr, start + m, sdq, h, D, q_in, tl.dot(ds, k) * scale)
                 dk += tl.dot(tl.trans(ds), q)
-            tl.store(dk_ptr + rows * sdk + h * D + d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
-                     mask=key_in[:, None])
-            tl.store(dv_ptr + rows * sdv + h * D + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=key_in[:, None])
+            _store_rows(dk_ptr, start + n, sdk, h, D, key_in, dk * scale)
+            _store_rows(dv_ptr, start + n, sdv, h, D, key_in, dv)
 
 
 def _launches(max_len: int):
@@ -173,7 +178,7 @@ def _attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     lse = torch.empty(tokens, heads, dtype=torch.float32, device=query.device)
     # Drawn on the device: a CUDA-graph replay draws a new seed (a Python int would be baked into the graph).
     seed = (torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device) if dropout > 0
-            else torch.zeros(1, dtype=torch.int64, device=query.device))
+            else torch.zeros(1, dtype=torch.int64, device=query.device))  # zeros: the op's outputs are deterministic
     threshold, inv_keep = _dropout_args(dropout)
     for low, tile in _launches(max_len):
         block, warps = _CONFIG[tile]
