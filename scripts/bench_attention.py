@@ -26,7 +26,7 @@ Variants (roberta-large's 16 heads of 64; query/key/value as views of one fused 
   putting the output back (what it would cost inside a padded model).
 
 ``--tune-short`` times seqcls's short-sequence kernel's (query block, warps) choices per key tile on each
---batch's first random batch and prints the fastest (seqcls.short_attention._CONFIG).
+--batch's first random batch and prints the fastest (seqcls.short_attention._FWD_CONFIG, _BWD_CONFIG).
 
 ``--check-dropout`` instead checks each variable-length kernel's attention dropout, eagerly, on four packed
 sequences whose value rows are one-hot within each sequence (so the output is the dropped-out attention
@@ -180,12 +180,12 @@ def main():
 
 class _ShortAdapter:
     """seqcls.short_attention with the other kernels' apply(query, key, value, cu_q, cu_k, max_q, max_k,
-    dropout, scale) (self-attention only: cu_q is cu_k)."""
+    dropout, scale)."""
 
     @staticmethod
     def apply(query, key, value, cu_q, cu_k, max_q, max_k, dropout, scale):
         from seqcls.short_attention import short_attention
-        return short_attention(query, key, value, cu_q, max(max_q, max_k), dropout=dropout, scale=scale)
+        return short_attention(query, key, value, cu_q, cu_k, max(max_q, max_k), dropout=dropout, scale=scale)
 
 
 def _short_kernel():
@@ -198,20 +198,22 @@ def _short_kernel():
 
 
 def tune_short(args, lengths: list[int]) -> None:
-    """Per key tile, each (query block, warps) choice of seqcls.short_attention, timed forward + backward
-    (fused q/k/v gradient) and forward alone on the first random batch of each --batch; the other tiles
-    keep their setting, and each tile keeps its fastest before the next is tried. Prints the choices to
-    put in seqcls.short_attention._CONFIG."""
+    """Per key tile, seqcls.short_attention's forward choices (query block, warps, pipeline stages) timed on
+    the forward alone, then its backward choices timed forward + backward (fused q/k/v gradient), on the
+    first random batch of each --batch; the other tiles keep their setting, and each tile keeps its fastest
+    before the next is tried. Prints the choices to put in _FWD_CONFIG and _BWD_CONFIG, and the time with
+    Philox's 7 rounds against its 10."""
     import torch
     import torch.nn.functional as F
-    from seqcls import short_attention
+    from seqcls import short_attention as sa
     from seqcls.data import GlobalBatchSampler
 
-    if not short_attention.available():
+    if not sa.available():
         sys.exit("--tune-short needs Triton")
     H, D, dev, p = args.heads, args.head_dim, torch.device("cuda"), args.dropout
-    choices = {32: [(32, 1), (32, 2), (32, 4), (16, 1)], 64: [(64, 2), (64, 4), (64, 8), (32, 2), (32, 4), (16, 2)],
-               128: [(32, 2), (32, 4), (64, 4), (64, 8), (128, 8)], 256: [(16, 4), (32, 4), (32, 8), (64, 8)]}
+    shapes = {32: [(32, 1), (32, 2), (32, 4), (16, 1)], 64: [(64, 2), (64, 4), (64, 8), (32, 2), (32, 4), (16, 2)],
+              128: [(32, 2), (32, 4), (64, 4), (64, 8), (128, 8)], 256: [(16, 4), (32, 4), (32, 8), (64, 8)]}
+    choices = {tile: [(b, w, s) for b, w in bw for s in (1, 2, 3)] for tile, bw in shapes.items()}
     for batch in (int(b) for b in args.batch.split(",")):
         sampler = GlobalBatchSampler(lengths, local_batch_size=batch, grad_accum_steps=1, group_by_length=False)
         lens = [lengths[i] for i in next(iter(sampler))]
@@ -221,32 +223,40 @@ def tune_short(args, lengths: list[int]) -> None:
         grad = torch.randn(T, H, D, device=dev, dtype=torch.bfloat16)
 
         def both():
-            out = short_attention.short_self_attention(qkv, D, cu, L, dropout=p, scale=D ** -0.5)
+            out = sa.short_self_attention(qkv, D, cu, L, dropout=p, scale=D ** -0.5)
             return torch.autograd.grad(out, qkv, grad)
 
         def forward():
             with torch.no_grad():
-                return short_attention.short_self_attention(qkv, D, cu, L, dropout=p, scale=D ** -0.5)
+                return sa.short_self_attention(qkv, D, cu, L, dropout=p, scale=D ** -0.5)
 
-        tiles = short_attention._launches(L)
+        def timed(config, tile, choice, step):
+            config[tile] = choice
+            try:
+                return cuda_graph_ms(step, args.reps)[0]
+            except Exception as e:  # noqa: BLE001  (a choice Triton cannot compile: report it, go on)
+                print(f"| {tile} | {choice} | failed: {str(e).splitlines()[0][:100]} |")
+                return float("inf")
+
+        tiles = sa._launches(L)
         counts = {tile: sum(low < n <= tile for n in lens) for low, tile in tiles}
         print(f"\nbatch {batch}, dropout {p}: sequences per key tile {counts}; as is "
               f"{cuda_graph_ms(both, args.reps)[0]:.3f} ms fwd+bwd, {cuda_graph_ms(forward, args.reps)[0]:.3f} fwd")
-        print("| key tile | query block | warps | ms fwd+bwd | ms fwd |\n|---|---|---|---|---|")
-        for _, tile in tiles:
-            best = None
-            for block, warps in choices[tile]:
-                short_attention._CONFIG[tile] = (block, warps)
-                try:
-                    ms, ms_fwd = cuda_graph_ms(both, args.reps)[0], cuda_graph_ms(forward, args.reps)[0]
-                except Exception as e:  # noqa: BLE001  (a choice Triton cannot compile: report it, go on)
-                    print(f"| {tile} | {block} | {warps} | failed: {str(e).splitlines()[0][:100]} | |")
-                    continue
-                print(f"| {tile} | {block} | {warps} | {ms:.3f} | {ms_fwd:.3f} |")
-                if best is None or ms < best[0]:
-                    best = (ms, block, warps)
-            short_attention._CONFIG[tile] = best[1:]
-        print(f"fastest: {dict(sorted(short_attention._CONFIG.items()))}, {cuda_graph_ms(both, args.reps)[0]:.3f} ms fwd+bwd")
+        for name, config, step in (("forward", sa._FWD_CONFIG, forward), ("fwd+bwd", sa._BWD_CONFIG, both)):
+            print(f"| key tile | {name} (query block, warps, stages) | ms {name} |\n|---|---|---|")
+            for _, tile in tiles:
+                times = {c: timed(config, tile, c, step) for c in choices[tile]}
+                for c, ms in times.items():
+                    print(f"| {tile} | {c} | {ms:.3f} |")
+                config[tile] = min(times, key=times.get)
+        print(f"fastest: _FWD_CONFIG = {dict(sorted(sa._FWD_CONFIG.items()))}\n"
+              f"         _BWD_CONFIG = {dict(sorted(sa._BWD_CONFIG.items()))}\n"
+              f"         {cuda_graph_ms(both, args.reps)[0]:.3f} ms fwd+bwd, {cuda_graph_ms(forward, args.reps)[0]:.3f} fwd")
+        rounds = sa._PHILOX_ROUNDS
+        for r in (7, rounds):
+            sa._PHILOX_ROUNDS = r
+            print(f"Philox {r} rounds: {cuda_graph_ms(both, args.reps)[0]:.3f} ms fwd+bwd, "
+                  f"{cuda_graph_ms(forward, args.reps)[0]:.3f} fwd")
 
 
 def _cudnn_ragged():

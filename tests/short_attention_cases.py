@@ -42,13 +42,42 @@ def match() -> dict:
     out_fused = short_self_attention(fused, dim, cu, 256, dropout=0.0, scale=dim ** -0.5)
     out_fused.backward(grad.half())
     parts = [t.reshape(tokens, heads, dim).contiguous().half().requires_grad_() for t in qkv.chunk(3, dim=-1)]
-    out_parts = short_attention(*parts, cu, 256, dropout=0.0, scale=dim ** -0.5)
+    out_parts = short_attention(*parts, cu, cu, 256, dropout=0.0, scale=dim ** -0.5)
     out_parts.backward(grad.half())
     grad_parts = torch.cat([p.grad.reshape(tokens, -1) for p in parts], dim=-1)
     err = lambda a, b: (a.float() - b).abs().max().item()  # noqa: E731
     return {"fwd_fused": err(out_fused, ref), "fwd_parts": err(out_parts, ref), "grad_fused": err(fused.grad, ref_in.grad),
             "grad_parts": err(grad_parts, ref_in.grad), "ref_out": ref.abs().max().item(),
             "ref_grad": ref_in.grad.abs().max().item()}
+
+
+def cross() -> dict:
+    """Queries apart from the keys (the first-token last layer: one query a sequence; here also several,
+    and none for the last sequence, as the packing's filler): forward and the three gradients against
+    fp32 attention of each sequence's queries on its keys; keys no query reads get zero gradients."""
+    torch.manual_seed(0)
+    heads, dim = 2, 16
+    lens, queries = [5, 33, 1, 70, 130, 7], [1, 3, 1, 40, 1, 0]
+    cu_k, tk = packed(lens)
+    cu_q, tq = packed(queries)
+    q, k, v = torch.randn(tq, heads, dim), torch.randn(tk, heads, dim), torch.randn(tk, heads, dim)
+    grad = torch.randn(tq, heads, dim)
+    ref_in = [t.half().float().requires_grad_() for t in (q, k, v)]
+    outs = []
+    for i in range(len(lens)):
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        scores = torch.einsum("ihd,jhd->hij", ref_in[0][qs], ref_in[1][ks]) * dim ** -0.5
+        outs.append(torch.einsum("hij,jhd->ihd", scores.softmax(-1), ref_in[2][ks]))
+    ref = torch.cat(outs)
+    ref.backward(grad.half().float())
+    leaves = [t.half().requires_grad_() for t in (q, k, v)]
+    out = short_attention(*leaves, cu_q, cu_k, 256, dropout=0.0, scale=dim ** -0.5)
+    out.backward(grad.half())
+    filler = slice(cu_k[-2], cu_k[-1])
+    return {"fwd": (out.float() - ref).abs().max().item(), "ref_out": ref.abs().max().item(),
+            "grads": [(t.grad.float() - r.grad).abs().max().item() for t, r in zip(leaves, ref_in)],
+            "ref_grads": [r.grad.abs().max().item() for r in ref_in],
+            "filler_grads_zero": all(torch.equal(t.grad[filler], torch.zeros_like(t.grad[filler])) for t in leaves[1:])}
 
 
 def dropout() -> dict:
@@ -68,7 +97,7 @@ def dropout() -> dict:
     def run(seed):
         torch.manual_seed(seed)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = short_attention(*leaves, cu, 64, dropout=p, scale=dim ** -0.5)
+        out = short_attention(*leaves, cu, cu, 64, dropout=p, scale=dim ** -0.5)
         out.backward(grad)
         return out.detach(), [t.grad for t in leaves]
 
@@ -103,12 +132,17 @@ def opcheck() -> dict:
     cu, tokens = packed([5, 40, 1])
     qkv = torch.randn(tokens, 3 * heads * dim).half()
     q, k, v = (t.view(tokens, heads, dim) for t in qkv.chunk(3, dim=-1))
-    out, lse, seed = _attention_fwd(q, k, v, cu, 64, 0.0, 0.25)
+    out, lse, seed = _attention_fwd(q, k, v, cu, cu, 64, 0.0, 0.25)
+    cu_q = torch.tensor([0, 1, 2, 2], dtype=torch.int32)  # one query for two sequences, none for the third
+    first = q[cu[:-2].long()].contiguous()  # the first tokens of the first two sequences
+    out1, lse1, seed1 = _attention_fwd(first, k, v, cu_q, cu, 64, 0.0, 0.25)
     failures = []
-    for op, args in ((_attention_fwd, (q.contiguous().requires_grad_(), k.contiguous(), v.contiguous(), cu, 64, 0.0, 0.25)),
-                     (_attention_fwd, (q, k, v, cu, 64, 0.0, 0.25)),
-                     (_attention_bwd, (out, q, k, v, lse, seed, cu, 64, 0.0, 0.25, True)),
-                     (_attention_bwd, (out, q, k, v, lse, seed, cu, 64, 0.0, 0.25, False))):
+    for op, args in ((_attention_fwd, (q.contiguous().requires_grad_(), k.contiguous(), v.contiguous(), cu, cu, 64, 0.0, 0.25)),
+                     (_attention_fwd, (q, k, v, cu, cu, 64, 0.0, 0.25)),
+                     (_attention_fwd, (first.requires_grad_(), k.contiguous(), v.contiguous(), cu_q, cu, 64, 0.0, 0.25)),
+                     (_attention_bwd, (out, q, k, v, lse, seed, cu, cu, 64, 0.0, 0.25, True)),
+                     (_attention_bwd, (out, q, k, v, lse, seed, cu, cu, 64, 0.0, 0.25, False)),
+                     (_attention_bwd, (out1, first.detach(), k, v, lse1, seed1, cu_q, cu, 64, 0.0, 0.25, False))):
         for name, result in torch.library.opcheck(op, args).items():
             if result != "SUCCESS":
                 failures.append(f"{op}: {name}: {result}")
@@ -116,4 +150,4 @@ def opcheck() -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps({"match": match, "dropout": dropout, "opcheck": opcheck}[sys.argv[1]]()))
+    print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck}[sys.argv[1]]()))

@@ -9,7 +9,7 @@ import torch
 
 from seqcls.build import build_trainer
 from seqcls.lora import LoRALinear, inject_lora
-from seqcls.models import add_merged_lora, bf16_read_parameters, first_token_last_layer, from_config, fuse_frozen_qkv
+from seqcls.models import bf16_read_parameters, first_token_last_layer, from_config, fuse_frozen_qkv, merged_lora_linear
 from tests.conftest import compose_cfg, synthetic_overrides
 from tests.test_first_token import SMALL, assert_same_logits_and_gradients, batch, small_model
 
@@ -61,9 +61,9 @@ def merged_block(dropout, targets=("query", "value")):
 
 
 def merged_terms(rows, adapters):
-    """The three LoRA terms (query, key, value) that add_merged_lora adds onto a zero qkv."""
+    """The three LoRA terms (query, key, value) that merged_lora_linear adds onto a zero projection."""
     out = adapters[0].out_features
-    return add_merged_lora(torch.zeros(rows.shape[0], 3 * out), rows, adapters).split(out, dim=-1)
+    return merged_lora_linear(rows, torch.zeros(3 * out, rows.shape[1]), None, adapters).split(out, dim=-1)
 
 
 def test_merged_adapters_share_one_dropout_mask_and_give_each_its_own_term():

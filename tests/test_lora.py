@@ -12,6 +12,7 @@ from seqcls.lora import (
     LoRALinear,
     from_peft_state_dict,
     inject_lora,
+    lora_linear,
     load_peft_adapter,
     mark_trainable,
     merge_lora_weights,
@@ -105,6 +106,50 @@ def test_forward_equals_peft_forward_given_same_adapter_weights(arch, num_labels
     inputs = batch()
     assert not torch.allclose(logits(ours, inputs), logits(base, inputs), atol=1e-3)
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)
+
+
+def _lora_linear_inputs(bias: bool, dtype=torch.float32):
+    torch.manual_seed(0)
+    x, weight, u, lora_b = (torch.randn(*shape, dtype=dtype) for shape in ((10, 12), (7, 12), (10, 3), (7, 3)))
+    return x, weight, torch.randn(7, dtype=dtype) if bias else None, u, lora_b
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("trainable", ["lora", "all"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_lora_linear_is_base_plus_term_with_the_same_gradients(bias, trainable, compiled):
+    """One multiply of [x | u] by [W | B] with its own backward: the value and every gradient asked for of
+    x W^T + b + u B^T; the frozen W and b get none."""
+    inputs = _lora_linear_inputs(bias)
+    x, weight, b, u, lora_b = inputs
+    for t in (x, u, lora_b) + ((weight, b) if trainable == "all" else ()):
+        if t is not None:
+            t.requires_grad_(True)
+    fn = torch.compile(lora_linear, backend="aot_eager", fullgraph=True) if compiled else lora_linear
+    out = fn(x, weight, b, u, lora_b)
+    want = torch.nn.functional.linear(x, weight, b) + u @ lora_b.t()
+    torch.testing.assert_close(out, want)
+    w = torch.randn_like(want)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    got, ref = torch.autograd.grad((out * w).sum(), wanted), torch.autograd.grad((want * w).sum(), wanted)
+    for g, r in zip(got, ref):
+        assert r.abs().sum() > 0
+        torch.testing.assert_close(g, r)
+    if trainable == "lora":
+        assert weight.grad is None and (b is None or b.grad is None)
+
+
+def test_lora_linear_computes_in_autocast_dtype_as_f_linear():
+    x, weight, b, u, lora_b = _lora_linear_inputs(True)
+    lora_b.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear(x, weight, b, u, lora_b)
+        base = torch.nn.functional.linear(x, weight, b)
+    assert out.dtype == base.dtype == torch.bfloat16
+    # one bf16 rounding of the sum; bf16 inputs move it by ~1e-2 here, a missing term by ~1
+    torch.testing.assert_close(out.float(), (x @ weight.t() + b + u @ lora_b.t()), rtol=0, atol=0.1)
+    out.float().sum().backward()
+    assert lora_b.grad.dtype == torch.float32 and lora_b.grad.abs().sum() > 0
 
 
 def test_lora_init_is_peft_init_a_kaiming_b_zero():

@@ -31,6 +31,14 @@ def test_forward_and_gradients_match_attention_within_each_sequence_in_every_til
         assert r[key] < 1e-2 * max(1.0, r["ref_grad"]), r
 
 
+def test_queries_apart_from_the_keys_as_the_first_token_last_layer_asks():
+    r = run_case("cross")
+    assert r["fwd"] < 5e-3 * max(1.0, r["ref_out"]), r
+    for err, ref in zip(r["grads"], r["ref_grads"]):
+        assert ref > 0 and err < 1e-2 * max(1.0, ref), r
+    assert r["filler_grads_zero"], r
+
+
 def test_dropout_mask_is_replayed_by_the_backward_and_independent_across_heads_and_sequences():
     r = run_case("dropout")
     assert r["fwd"] < 5e-3, r
@@ -51,10 +59,10 @@ def test_sequences_longer_than_the_widest_tile_or_past_the_dropout_counters_are_
     x = torch.zeros(4, 2, 16, dtype=torch.float16)
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match="up to 256 tokens"):
-        short_attention(x, x, x, cu, 300, dropout=0.0, scale=0.25)
+        short_attention(x, x, x, cu, cu, 300, dropout=0.0, scale=0.25)
     with pytest.raises(ValueError, match="up to 256 tokens"):
         short_self_attention(torch.zeros(4, 96, dtype=torch.float16), 16, cu, 257, dropout=0.0, scale=0.25)
 
     big = torch.tensor([0] * 131072 + [4], dtype=torch.int32)  # 131,072 sequences x 2 heads
     with pytest.raises(ValueError, match="pairs a call, got 131072 x 2"):
-        short_attention(x, x, x, big, 128, dropout=0.1, scale=0.25)
+        short_attention(x, x, x, big, big, 128, dropout=0.1, scale=0.25)

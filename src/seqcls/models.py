@@ -212,7 +212,7 @@ def fuse_frozen_qkv(model: PreTrainedModel, *, merge_adapters: bool = False) -> 
     The three weights (and biases) are moved into one tensor and each Parameter becomes a view of its
     rows: the same Parameter objects, names, values and memory, so state dicts, checkpoints and the
     optimizer see no change. LoRA adapters on query/key/value still add their own term; with
-    ``merge_adapters`` (see ``add_merged_lora``) those of one block share one dropout mask and their
+    ``merge_adapters`` (see ``merged_lora_linear``) those of one block share one dropout mask and their
     matmuls. Call it after the model has its final device and dtype (``.to()`` replaces a Parameter's
     data and undoes the views). Returns the number of attention blocks fused.
     """
@@ -256,10 +256,11 @@ def _self_attention_forward(attn, hidden_states, attention_mask=None, *args, **k
         parts = [attn.query(rows), attn.key(rows), attn.value(rows)]
     else:
         weight, bias, adapters, merged = fused
-        qkv = F.linear(rows, weight, bias)
         if merged:
-            qkv = add_merged_lora(qkv, rows, adapters)
-        elif any(a is not None for a in adapters):
+            qkv = merged_lora_linear(rows, weight, bias, adapters)
+        else:
+            qkv = F.linear(rows, weight, bias)
+        if not merged and any(a is not None for a in adapters):
             parts = [p if a is None else p + a.lora_delta(rows) for p, a in zip(qkv.chunk(3, dim=-1), adapters)]
             qkv = None
         if qkv is not None:
@@ -396,8 +397,8 @@ def flash_varlen_supported(device: torch.device, head_dim: int) -> bool:
 def _varlen_kernel(query: torch.Tensor, dropout: float, kernel: str, max_len: int = 0,
                    sequences: int = 1) -> Optional[str]:
     """Which kernel varlen attention runs: short, flash, efficient, or None for the reference. auto and
-    short take seqcls.short_attention's Triton kernel where it runs (CUDA, bf16/fp16, self-attention with
-    sequences up to 256 tokens: ``max_len``, 0 where the queries are not the keys); on MRPC's packed
+    short take seqcls.short_attention's Triton kernel where it runs (CUDA, bf16/fp16, sequences of up to
+    256 queries and keys: ``max_len``); on MRPC's packed
     batches it was faster than every kernel below, with and without dropout (docs/benchmarks.md). The
     memory-efficient kernel only without attention dropout: on packed sequences its forward draws one mask
     for every head and every sequence of a length (in torch 2.11 the variable-length forward passes the
@@ -420,15 +421,15 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """Attention over packed sequences: query rows [cu_q[i], cu_q[i+1]) attend to key/value rows
     [cu_k[i], cu_k[i+1]) alone. query (Tq, heads, dim), key and value (Tk, heads, dim), cu_* int32
     (sequences + 1,), max_*: bounds on a sequence's length; returns (Tq, heads, dim). On CUDA in
-    bf16/fp16: for self-attention (``cu_q is cu_k``) on sequences up to 256 tokens seqcls's Triton kernel
+    bf16/fp16: on sequences up to 256 tokens seqcls's Triton kernel
     (seqcls.short_attention) unless ``kernel`` is flash or efficient; otherwise, where they run
     (flash_varlen_supported), FlashAttention's varlen kernels, or without dropout the memory-efficient
     kernel's unless ``kernel`` is flash (_varlen_kernel); elsewhere the same attention as SDPA with a
     block-diagonal mask (memory quadratic in the packed length)."""
-    chosen = _varlen_kernel(query, dropout, kernel, max(max_q, max_k) if cu_q is cu_k else 0, cu_q.shape[0] - 1)
+    chosen = _varlen_kernel(query, dropout, kernel, max(max_q, max_k), cu_q.shape[0] - 1)
     if chosen == "short":
         from seqcls.short_attention import short_attention
-        return short_attention(query, key, value, cu_q, max(max_q, max_k), dropout=dropout, scale=scale)
+        return short_attention(query, key, value, cu_q, cu_k, max(max_q, max_k), dropout=dropout, scale=scale)
     if chosen is not None:
         function = _EfficientVarlen if chosen == "efficient" else _FlashVarlen
         return function.apply(query, key, value, cu_q, cu_k, max_q, max_k, dropout, scale)
@@ -463,18 +464,20 @@ def mergeable(adapters) -> bool:
                                       a.lora_A.weight.dtype) for a in present}) == 1
 
 
-def add_merged_lora(qkv: torch.Tensor, rows: torch.Tensor, adapters) -> torch.Tensor:
-    """``qkv`` (the fused projections of ``rows``) plus the LoRA terms of the adapters on them, merged as
-    loralib's MergedLinear merges a fused query/key/value: one dropout mask for all, one matmul with
-    their A matrices stacked, one with their B matrices laid out block-wise (zeros where a projection has
-    no adapter), added onto ``qkv`` by the matmul itself (addmm). Each term is (alpha / dim) *
-    B(A(dropout(x))) as alone, but the adapters see the same dropped input (peft draws a mask per
-    adapter). Forward and backward, that is one dropout and six matmuls a block for all its adapters,
-    against one dropout, six matmuls and an add per adapter."""
+def merged_lora_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, adapters) -> torch.Tensor:
+    """The fused query/key/value projection of ``rows`` (weight and bias: the three stacked) with the LoRA
+    terms of the adapters on them, merged as loralib's MergedLinear merges a fused query/key/value: one
+    dropout mask for all, one matmul with their A matrices stacked, and their B matrices laid out
+    block-wise (zeros where a projection has no adapter) beside the frozen weight, so the base projection
+    and every term are one matmul (seqcls.lora.lora_linear). Each term is (alpha / dim) * B(A(dropout(x)))
+    as alone, but the adapters see the same dropped input (peft draws a mask per adapter). Forward and
+    backward, that is one dropout and four matmuls a block for all its adapters and the base, against one
+    dropout, six matmuls and an add per adapter beside the base's."""
+    from seqcls.lora import lora_linear
     present = [a for a in adapters if a is not None]
     first = present[0]
     u = F.linear(first.lora_dropout(rows), torch.cat([a.lora_A.weight for a in present])) * first.scale
-    width, out = u.shape[-1], qkv.shape[-1] // len(adapters)
+    width, out = u.shape[-1], weight.shape[0] // len(adapters)
     blocks, start = [], 0
     for adapter in adapters:
         if adapter is None:
@@ -482,7 +485,7 @@ def add_merged_lora(qkv: torch.Tensor, rows: torch.Tensor, adapters) -> torch.Te
         else:
             blocks.append(F.pad(adapter.lora_B.weight, (start, width - start - adapter.dim)))
             start += adapter.dim
-    return torch.addmm(qkv, u, torch.cat(blocks).t())
+    return lora_linear(rows, weight, bias, u, torch.cat(blocks))
 
 
 class RandDropout(torch.nn.Dropout):

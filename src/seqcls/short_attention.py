@@ -35,9 +35,12 @@ except ImportError:  # the module stays importable; available() says no
 TILES = (32, 64, 128, 256)
 """Key-tile widths: a sequence of n tokens runs in the smallest tile of at least n rows."""
 _OFFSETS_PER_PROGRAM = max(TILES) * max(TILES) // 8  # Philox counters one (sequence, head) may use
-# key tile -> (query block, warps): the query rows a step of a program's loop takes, and its warps. Tuned
-# on an H200 on MRPC's random b256 batches (roberta-large's heads, dropout 0.1; docs/benchmarks.md).
-_CONFIG = {32: (32, 2), 64: (64, 4), 128: (32, 4), 256: (32, 8)}
+_PHILOX_ROUNDS = 10  # Philox4x32-10, as cuRAND's and torch's CUDA generator
+# key tile -> (query block, warps, pipeline stages) of the forward and of the backward kernel: the query
+# rows a step of a program's loop takes, its warps, and Triton's software-pipelining depth of that loop.
+# Tuned on an H200 on MRPC's random b256 batches (roberta-large's heads, dropout 0.1; docs/benchmarks.md).
+_FWD_CONFIG = {32: (32, 2, 3), 64: (64, 4, 3), 128: (32, 4, 2), 256: (32, 8, 3)}
+_BWD_CONFIG = {32: (32, 2, 1), 64: (64, 4, 2), 128: (32, 4, 2), 256: (32, 8, 3)}
 
 
 def available() -> bool:
@@ -61,13 +64,14 @@ def _counters_fit(sequences: int, heads: int) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _keep(seed, seq, h, H, m0, threshold, BM: tl.constexpr, BN: tl.constexpr, OFFSETS: tl.constexpr):
+    def _keep(seed, seq, h, H, m0, threshold, BM: tl.constexpr, BN: tl.constexpr, OFFSETS: tl.constexpr,
+              ROUNDS: tl.constexpr):
         """(BM, BN) dropout keep-mask of query rows m0.. of one (sequence, head), the same in the forward and
         the backward: one Philox call gives 4 x 32 random bits, 8 entries of 16 bits."""
         W: tl.constexpr = BN // 8
         base = (seq * H + h) * OFFSETS + m0 * W  # each (sequence, head) has OFFSETS counters of its own
         offsets = base + tl.arange(0, BM)[:, None] * W + tl.arange(0, W)[None, :]
-        r0, r1, r2, r3 = tl.randint4x(seed, offsets)
+        r0, r1, r2, r3 = tl.randint4x(seed, offsets, ROUNDS)
         r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
         r = tl.join(r & 0xFFFF, (r >> 16) & 0xFFFF)
         return tl.reshape(r, (BM, BN)) >= threshold
@@ -89,59 +93,63 @@ if triton is not None:
         return tl.where(key_in[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
 
     @triton.jit
-    def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, seed_ptr,
+    def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr,
                     sq, sk, sv, so, H, scale_log2, threshold, inv_keep,
                     LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr):
+                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
         seq, h = tl.program_id(0), tl.program_id(1)
-        start = tl.load(cu_ptr + seq)
-        length = tl.load(cu_ptr + seq + 1) - start
+        kstart = tl.load(cuk_ptr + seq)
+        length = tl.load(cuk_ptr + seq + 1) - kstart
         if (length > LO) & (length <= BN):
+            qstart = tl.load(cuq_ptr + seq)
+            queries = tl.load(cuq_ptr + seq + 1) - qstart
             n = tl.arange(0, BN)
             key_in = n < length
-            k = _load_rows(k_ptr, start + n, sk, h, D, key_in)
-            v = _load_rows(v_ptr, start + n, sv, h, D, key_in)
+            k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
+            v = _load_rows(v_ptr, kstart + n, sv, h, D, key_in)
             seed = tl.load(seed_ptr) if DROPOUT else 0
-            for m0 in range(0, length, BM):
+            for m0 in range(0, queries, BM):
                 m = m0 + tl.arange(0, BM)
-                q_in = m < length
-                s = _scores(_load_rows(q_ptr, start + m, sq, h, D, q_in), k, key_in, scale_log2)
+                q_in = m < queries
+                s = _scores(_load_rows(q_ptr, qstart + m, sq, h, D, q_in), k, key_in, scale_log2)
                 top = tl.max(s, 1)
                 e = tl.exp2(s - top[:, None])
                 total = tl.sum(e, 1)
                 p = e / total[:, None]
-                tl.store(lse_ptr + (start + m) * H + h, top + tl.log2(total), mask=q_in)
+                tl.store(lse_ptr + (qstart + m) * H + h, top + tl.log2(total), mask=q_in)
                 if DROPOUT:
-                    p = tl.where(_keep(seed, seq, h, H, m0, threshold, BM, BN, OFFSETS), p * inv_keep, 0.0)
-                _store_rows(o_ptr, start + m, so, h, D, q_in, tl.dot(p.to(v.dtype), v))
+                    p = tl.where(_keep(seed, seq, h, H, m0, threshold, BM, BN, OFFSETS, ROUNDS), p * inv_keep, 0.0)
+                _store_rows(o_ptr, qstart + m, so, h, D, q_in, tl.dot(p.to(v.dtype), v))
 
     @triton.jit
-    def _bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cu_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
+    def _bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
                     sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep,
                     LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr):
+                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
         seq, h = tl.program_id(0), tl.program_id(1)
-        start = tl.load(cu_ptr + seq)
-        length = tl.load(cu_ptr + seq + 1) - start
+        kstart = tl.load(cuk_ptr + seq)
+        length = tl.load(cuk_ptr + seq + 1) - kstart
         if (length > LO) & (length <= BN):
+            qstart = tl.load(cuq_ptr + seq)
+            queries = tl.load(cuq_ptr + seq + 1) - qstart
             n = tl.arange(0, BN)
             key_in = n < length
-            k = _load_rows(k_ptr, start + n, sk, h, D, key_in)
-            v = _load_rows(v_ptr, start + n, sv, h, D, key_in)
+            k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
+            v = _load_rows(v_ptr, kstart + n, sv, h, D, key_in)
             dk = tl.zeros((BN, D), dtype=tl.float32)
             dv = tl.zeros((BN, D), dtype=tl.float32)
             seed = tl.load(seed_ptr) if DROPOUT else 0
-            for m0 in range(0, length, BM):
+            for m0 in range(0, queries, BM):
                 m = m0 + tl.arange(0, BM)
-                q_in = m < length
-                q = _load_rows(q_ptr, start + m, sq, h, D, q_in)
-                g = _load_rows(g_ptr, start + m, sg, h, D, q_in)
-                lse = tl.load(lse_ptr + (start + m) * H + h, mask=q_in, other=float("inf"))
+                q_in = m < queries
+                q = _load_rows(q_ptr, qstart + m, sq, h, D, q_in)
+                g = _load_rows(g_ptr, qstart + m, sg, h, D, q_in)
+                lse = tl.load(lse_ptr + (qstart + m) * H + h, mask=q_in, other=float("inf"))
                 # the forward's probabilities; 0 outside the sequence
                 p = tl.exp2(_scores(q, k, key_in, scale_log2) - lse[:, None])
                 dp = tl.dot(g, tl.trans(v))  # gradient of the (dropped-out) probabilities
                 if DROPOUT:
-                    keep = _keep(seed, seq, h, H, m0, threshold, BM, BN, OFFSETS)
+                    keep = _keep(seed, seq, h, H, m0, threshold, BM, BN, OFFSETS, ROUNDS)
                     pd = tl.where(keep, p * inv_keep, 0.0)
                     dp = tl.where(keep, dp * inv_keep, 0.0)
                 else:
@@ -149,10 +157,11 @@ if triton is not None:
                 dv += tl.dot(tl.trans(pd.to(g.dtype)), g)
                 ds = p * (dp - tl.sum(p * dp, 1)[:, None])  # softmax backward; the whole row is here
                 ds = ds.to(q.dtype)
-                _store_rows(dq_ptr, start + m, sdq, h, D, q_in, tl.dot(ds, k) * scale)
+                _store_rows(dq_ptr, qstart + m, sdq, h, D, q_in, tl.dot(ds, k) * scale)
                 dk += tl.dot(tl.trans(ds), q)
-            _store_rows(dk_ptr, start + n, sdk, h, D, key_in, dk * scale)
-            _store_rows(dv_ptr, start + n, sdv, h, D, key_in, dv)
+            # every key row is written, zeros where the sequence asks no query
+            _store_rows(dk_ptr, kstart + n, sdk, h, D, key_in, dk * scale)
+            _store_rows(dv_ptr, kstart + n, sdv, h, D, key_in, dv)
 
 
 def _launches(max_len: int):
@@ -171,8 +180,9 @@ def _dropout_args(dropout: float) -> tuple[int, float]:
 
 
 @torch.library.custom_op("seqcls::short_attention_fwd", mutates_args=())
-def _attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int,
-                   dropout: float, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: torch.Tensor,
+                   cu_k: torch.Tensor, max_len: int, dropout: float,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens, heads, dim = query.shape
     out = torch.empty(tokens, heads, dim, dtype=query.dtype, device=query.device)
     lse = torch.empty(tokens, heads, dtype=torch.float32, device=query.device)
@@ -181,65 +191,74 @@ def _attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             else torch.zeros(1, dtype=torch.int64, device=query.device))  # zeros: the op's outputs are deterministic
     threshold, inv_keep = _dropout_args(dropout)
     for low, tile in _launches(max_len):
-        block, warps = _CONFIG[tile]
-        _fwd_kernel[(cu.numel() - 1, heads)](
-            query, key, value, out, lse, cu, seed, query.stride(0), key.stride(0), value.stride(0), out.stride(0),
-            heads, scale * 1.4426950408889634, threshold, inv_keep,
-            LO=low, BN=tile, BM=block, D=dim, DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM, num_warps=warps)
+        block, warps, stages = _FWD_CONFIG[tile]
+        _fwd_kernel[(cu_k.numel() - 1, heads)](
+            query, key, value, out, lse, cu_q, cu_k, seed,
+            query.stride(0), key.stride(0), value.stride(0), out.stride(0), heads, scale * 1.4426950408889634,
+            threshold, inv_keep, LO=low, BN=tile, BM=block, D=dim, DROPOUT=dropout > 0,
+            OFFSETS=_OFFSETS_PER_PROGRAM, ROUNDS=_PHILOX_ROUNDS, num_warps=warps, num_stages=stages)
     return out, lse, seed
 
 
 @_attention_fwd.register_fake
-def _(query, key, value, cu, max_len, dropout, scale):
+def _(query, key, value, cu_q, cu_k, max_len, dropout, scale):
     tokens, heads, dim = query.shape
     return (query.new_empty(tokens, heads, dim), query.new_empty(tokens, heads, dtype=torch.float32),
             query.new_empty(1, dtype=torch.int64))
 
 
+def _grad_views(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, fused: bool):
+    """dq, dk, dv as views of the backward's one output: with ``fused`` the thirds of the (tokens,
+    3 * heads * dim) gradient of a fused projection, else the three gradients laid end to end."""
+    if fused:
+        return (t.view(query.shape) for t in out.chunk(3, dim=-1))
+    nq, nk = query.numel(), key.numel()
+    return out[:nq].view(query.shape), out[nq:nq + nk].view(key.shape), out[nq + nk:].view(key.shape)
+
+
 @torch.library.custom_op("seqcls::short_attention_bwd", mutates_args=())
 def _attention_bwd(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   lse: torch.Tensor, seed: torch.Tensor, cu: torch.Tensor, max_len: int, dropout: float,
-                   scale: float, fused: bool) -> torch.Tensor:
-    """The gradients of query, key and value: with ``fused`` one (tokens, 3 * heads * dim) tensor (the
-    gradient of a fused projection whose thirds they are), else (3, tokens, heads, dim)."""
+                   lse: torch.Tensor, seed: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_len: int,
+                   dropout: float, scale: float, fused: bool) -> torch.Tensor:
+    """The gradients of query, key and value in one tensor (_grad_views): with ``fused`` the (tokens,
+    3 * heads * dim) gradient of a fused projection whose thirds they are (self-attention), else flat."""
     tokens, heads, dim = query.shape
     if fused:
         out = torch.empty(tokens, 3 * heads * dim, dtype=query.dtype, device=query.device)
-        dq, dk, dv = (t.view(tokens, heads, dim) for t in out.chunk(3, dim=-1))
     else:
-        out = torch.empty(3, tokens, heads, dim, dtype=query.dtype, device=query.device)
-        dq, dk, dv = out.unbind(0)
+        out = torch.empty(query.numel() + 2 * key.numel(), dtype=query.dtype, device=query.device)
+    dq, dk, dv = _grad_views(out, query, key, fused)
     threshold, inv_keep = _dropout_args(dropout)
     for low, tile in _launches(max_len):
-        block, warps = _CONFIG[tile]
-        _bwd_kernel[(cu.numel() - 1, heads)](
-            query, key, value, grad, lse, cu, seed, dq, dk, dv,
+        block, warps, stages = _BWD_CONFIG[tile]
+        _bwd_kernel[(cu_k.numel() - 1, heads)](
+            query, key, value, grad, lse, cu_q, cu_k, seed, dq, dk, dv,
             query.stride(0), key.stride(0), value.stride(0), grad.stride(0), dq.stride(0), dk.stride(0), dv.stride(0),
             heads, scale, scale * 1.4426950408889634, threshold, inv_keep,
-            LO=low, BN=tile, BM=block, D=dim, DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM, num_warps=warps)
+            LO=low, BN=tile, BM=block, D=dim, DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM,
+            ROUNDS=_PHILOX_ROUNDS, num_warps=warps, num_stages=stages)
     return out
 
 
 @_attention_bwd.register_fake
-def _(grad, query, key, value, lse, seed, cu, max_len, dropout, scale, fused):
+def _(grad, query, key, value, lse, seed, cu_q, cu_k, max_len, dropout, scale, fused):
     tokens, heads, dim = query.shape
-    return query.new_empty(tokens, 3 * heads * dim) if fused else query.new_empty(3, tokens, heads, dim)
+    return query.new_empty(tokens, 3 * heads * dim) if fused else query.new_empty(query.numel() + 2 * key.numel())
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, cu, max_len, dropout, scale = inputs
+    query, key, value, cu_q, cu_k, max_len, dropout, scale = inputs
     _, lse, seed = output
-    ctx.save_for_backward(query, key, value, lse, seed, cu)
+    ctx.save_for_backward(query, key, value, lse, seed, cu_q, cu_k)
     ctx.max_len, ctx.dropout, ctx.scale = max_len, dropout, scale
 
 
 def _backward(ctx, grad, _grad_lse, _grad_seed):
     """Three gradients (short_self_attention writes a fused projection's as one tensor)."""
-    query, key, value, lse, seed, cu = ctx.saved_tensors
+    query, key, value, lse, seed, cu_q, cu_k = ctx.saved_tensors
     grad = grad if grad.stride(-1) == 1 and grad.stride(1) == grad.shape[2] else grad.contiguous()
-    dq, dk, dv = _attention_bwd(grad, query, key, value, lse, seed, cu, ctx.max_len, ctx.dropout, ctx.scale,
-                                False).unbind(0)
-    return dq, dk, dv, None, None, None, None
+    out = _attention_bwd(grad, query, key, value, lse, seed, cu_q, cu_k, ctx.max_len, ctx.dropout, ctx.scale, False)
+    return *_grad_views(out, query, key, False), None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -259,13 +278,15 @@ def _check(max_len: int, sequences: int, heads: int) -> None:
                          f"a call, got {sequences} x {heads}")
 
 
-def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int, *,
-                    dropout: float, scale: float) -> torch.Tensor:
-    """Packed self-attention: rows [cu[i], cu[i+1]) attend to themselves alone. query, key, value
-    (tokens, heads, dim); cu int32 (sequences + 1,), every token inside some sequence, none longer than
-    ``max_len`` (at most 256); returns (tokens, heads, dim). Check supported() first."""
-    _check(max_len, cu.numel() - 1, query.shape[1])
-    return _attention_fwd(_rows(query), _rows(key), _rows(value), cu, int(max_len), float(dropout), float(scale))[0]
+def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_q: torch.Tensor,
+                    cu_k: torch.Tensor, max_len: int, *, dropout: float, scale: float) -> torch.Tensor:
+    """Attention over packed sequences: query rows [cu_q[i], cu_q[i+1]) attend to key/value rows
+    [cu_k[i], cu_k[i+1]) alone (self-attention: the same tensor twice). query (Tq, heads, dim), key and
+    value (Tk, heads, dim); cu_* int32 (sequences + 1,), every row inside some sequence, none with more
+    than ``max_len`` (at most 256) queries or keys; returns (Tq, heads, dim). Check supported() first."""
+    _check(max_len, cu_k.numel() - 1, query.shape[1])
+    return _attention_fwd(_rows(query), _rows(key), _rows(value), cu_q, cu_k, int(max_len), float(dropout),
+                          float(scale))[0]
 
 
 class _ShortSelfAttention(torch.autograd.Function):
@@ -275,7 +296,7 @@ class _ShortSelfAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, head_dim: int, cu, max_len: int, dropout: float, scale: float):
         query, key, value = (t.view(qkv.shape[0], -1, head_dim) for t in qkv.chunk(3, dim=-1))
-        out, lse, seed = _attention_fwd(query, key, value, cu, max_len, dropout, scale)
+        out, lse, seed = _attention_fwd(query, key, value, cu, cu, max_len, dropout, scale)
         ctx.save_for_backward(qkv, lse, seed, cu)
         ctx.args = head_dim, max_len, dropout, scale
         return out
@@ -286,7 +307,7 @@ class _ShortSelfAttention(torch.autograd.Function):
         head_dim, max_len, dropout, scale = ctx.args
         query, key, value = (t.view(qkv.shape[0], -1, head_dim) for t in qkv.chunk(3, dim=-1))
         grad = grad if grad.stride(-1) == 1 and grad.stride(1) == grad.shape[2] else grad.contiguous()
-        return _attention_bwd(grad, query, key, value, lse, seed, cu, max_len, dropout, scale, True), \
+        return _attention_bwd(grad, query, key, value, lse, seed, cu, cu, max_len, dropout, scale, True), \
             None, None, None, None, None
 
 
