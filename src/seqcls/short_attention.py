@@ -14,8 +14,9 @@ replay draws a new one) at one call per 8 scores, 16 bits a score: an entry is d
 round(p * 65536) / 65536 (within 7.7e-6 of p) and the kept ones are scaled by 1 / (1 - p). The
 backward regenerates the same mask from the saved seed.
 
-short_attention takes query, key and value as three (tokens, heads, dim) tensors and returns three
-gradients; short_self_attention takes them as the thirds of one fused projection (tokens, 3 * heads * dim),
+short_attention takes query, key and value as three (tokens, heads, dim) tensors, with query rows of
+their own (cu_q; the first-token last layer asks one query a sequence), and returns three gradients;
+short_self_attention takes them as the thirds of one fused projection (tokens, 3 * heads * dim),
 as training has them, and its backward writes that tensor's gradient whole.
 """
 
