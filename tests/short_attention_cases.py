@@ -1,5 +1,5 @@
-"""Runs seqcls.short_attention's kernels in Triton's CPU interpreter and prints what the tests check, as
-JSON. A separate process: the interpreter must be on before the kernels are defined (at import), and the
+"""Runs seqcls's Triton kernels (seqcls.short_attention, seqcls.dropout) in Triton's CPU interpreter and
+prints what the tests check, as JSON. A separate process: the interpreter must be on before the kernels are defined (at import), and the
 rest of the suite must not see it. Half precision (the interpreter's bfloat16 is not usable)."""
 
 import json
@@ -149,5 +149,43 @@ def opcheck() -> dict:
     return {"failures": failures}
 
 
+def masks() -> dict:
+    """seqcls.dropout: the keep-mask's rate overall and in each of the 8 lanes a Philox call fills, its
+    neighbours' correlation, seeds, a length that is no multiple of the kernel's block; MaskDropout's
+    output and gradient; the op under torch.compile (dynamo, AOT autograd) and opcheck."""
+    from seqcls.dropout import MaskDropout, dropout_keep
+    n, out = 100_003, {}
+    for p in (0.1, 0.5):
+        keep = dropout_keep(torch.tensor([7]), [n], p)
+        f = keep.float()
+        lanes = f[: n - n % 8].view(-1, 8).mean(0)
+        a, b = f[:-1] - f.mean(), f[1:] - f.mean()
+        out[str(p)] = {"shape": list(keep.shape), "dtype": str(keep.dtype), "kept": f.mean().item(),
+                       "lanes": [lanes.min().item(), lanes.max().item()],
+                       "neighbour_corr": ((a * b).mean() / (a * a).mean()).item(),
+                       "tail_kept": f[-1000:].mean().item()}  # the last, partial block is written too
+    one = dropout_keep(torch.tensor([7]), [n], 0.1)
+    out["same_seed_same"] = torch.equal(one, dropout_keep(torch.tensor([7]), [n], 0.1))
+    out["other_seed_same"] = torch.equal(one, dropout_keep(torch.tensor([8]), [n], 0.1))
+    out["halves_same"] = torch.equal(one[:50_000], one[50_000:100_000])
+    drop = MaskDropout(0.25).train()
+    x = torch.randn(64, 33, requires_grad=True)
+    y = drop(x)
+    y.backward(torch.ones_like(y))
+    kept = y != 0
+    out["module"] = {"kept": kept.float().mean().item(),
+                     "values": (y[kept] - x[kept] / 0.75).abs().max().item(),
+                     "grad": (x.grad - kept.float() / 0.75).abs().max().item(),
+                     "eval_identity": torch.equal(drop.eval()(x), x)}
+    drop.train()
+    compiled = torch.compile(lambda t: drop(t) * 2, backend="aot_eager", fullgraph=True)
+    z = compiled(x)
+    out["compiled_kept"] = (z != 0).float().mean().item()
+    out["compiled_values"] = (z[z != 0] - 2 * x[z != 0] / 0.75).abs().max().item()
+    out["opcheck"] = [f"{k}: {v}" for k, v in torch.library.opcheck(dropout_keep, (torch.tensor([3]), [1000], 0.2)).items()
+                      if v != "SUCCESS"]
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck}[sys.argv[1]]()))
+    print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck, "masks": masks}[sys.argv[1]]()))

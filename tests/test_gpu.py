@@ -340,3 +340,33 @@ def test_capturing_more_shapes_holds_no_more_gpu_memory(data, tmp_path):
     assert len(allocated) >= 2
     # What a shape may add: its static input buffers and outputs, a few KiB for this model.
     assert allocated[-1] - allocated[0] < 2**20, [f"{(a - allocated[0]) / 2**20:.1f} MiB" for a in allocated]
+
+
+def test_triton_dropout_masks_draw_anew_each_graph_replay_and_train(data, tmp_path):
+    """compile.dropout_masks=triton: the mask kernel inside a CUDA graph gives each replay a new mask at
+    the rate asked; a LoRA run with dropout, packed, under step graphs, trains (its loss falls)."""
+    from seqcls.dropout import MaskDropout
+    drop, x = MaskDropout(0.1).train(), torch.ones(4096, 256, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out.copy_(drop(x))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(drop(x))
+    masks = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        masks.append(out != 0)
+        assert abs(masks[-1].float().mean().item() - 0.9) < 0.005
+        assert torch.equal(out[masks[-1]], torch.full_like(out[masks[-1]], 1 / 0.9))
+    assert not torch.equal(masks[0], masks[1])
+    extra = ONE_MICRO_BATCH + ["checkpoint.enabled=false", "peft=lora", "optimizer.lr=5e-3", "compile.dropout_masks=triton",
+                               "step_scheduler.max_steps=30"]
+    trainer, losses, _ = train(data, tmp_path, extra)
+    assert "cu_seq_lens" in next(iter(trainer.train_loader)) and trainer.step_graphs is not None
+    assert sum(isinstance(m, MaskDropout) and m.p > 0 for m in trainer.model.modules()) >= 4  # hidden and LoRA
+    assert sum(losses[s] for s in range(21, 31)) < sum(losses[s] for s in range(1, 11)), losses

@@ -350,6 +350,12 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     if device.type == "cpu" and not compiled:  # compiled code draws its own dropout masks
         from seqcls.models import rand_dropout
         rand_dropout(model)
+    if cfg.compile.dropout_masks == "triton":
+        from seqcls import dropout
+        if not dropout.supported(torch.empty(0, device=device)):
+            raise ConfigError("compile.dropout_masks=triton needs Triton on an NVIDIA GPU; "
+                              "use compile.dropout_masks=inductor")
+        log.info("%d dropouts draw their masks from seqcls's Triton kernel", dropout.mask_dropout(model))
     if cfg.compile.bf16_residual and amp_dtype == torch.bfloat16:
         from seqcls.models import autocast_layernorms
         log.info("%d LayerNorms return bf16 under autocast (a bf16 residual stream)", autocast_layernorms(model))

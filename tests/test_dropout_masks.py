@@ -1,0 +1,34 @@
+"""seqcls.dropout: keep-masks from a Triton kernel (compile.dropout_masks=triton), run in Triton's CPU
+interpreter in a process of its own (tests/short_attention_cases.py)."""
+
+import pytest
+
+from seqcls.build import build_trainer
+from seqcls.config import ConfigError
+from tests.conftest import compose_cfg, synthetic_overrides
+from tests.test_short_attention import run_case
+
+
+def test_masks_keep_one_minus_p_in_every_lane_and_the_module_is_dropout():
+    r = run_case("masks")
+    for p in (0.1, 0.5):
+        m = r[str(p)]
+        assert m["shape"] == [100_003] and m["dtype"] == "torch.bool", m
+        # 100k entries: the kept fraction's standard deviation is <= 0.0016; each lane's (12.5k) <= 0.0045
+        assert abs(m["kept"] - (1 - p)) < 0.008, m
+        assert 1 - p - 0.025 < m["lanes"][0] and m["lanes"][1] < 1 - p + 0.025, m
+        assert abs(m["neighbour_corr"]) < 0.02, m
+        assert abs(m["tail_kept"] - (1 - p)) < 0.08, m
+    assert r["same_seed_same"] and not r["other_seed_same"] and not r["halves_same"], r
+    mod = r["module"]  # 64 x 33 entries, p 0.25
+    assert abs(mod["kept"] - 0.75) < 0.05 and mod["values"] < 1e-5 and mod["grad"] == 0.0, mod
+    assert mod["eval_identity"], mod
+    assert abs(r["compiled_kept"] - 0.75) < 0.05 and r["compiled_values"] < 1e-5, r
+    assert r["opcheck"] == [], r
+
+
+def test_triton_masks_where_they_cannot_run_is_one_clear_error(tmp_path, synthetic_dir):
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + ["compile.dropout_masks=triton"])
+    with pytest.raises(ConfigError, match="compile.dropout_masks=triton needs Triton on an NVIDIA GPU"):
+        build_trainer(cfg, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
