@@ -167,6 +167,7 @@ def masks() -> dict:
     one = dropout_keep(torch.tensor([7]), [n], 0.1)
     out["same_seed_same"] = torch.equal(one, dropout_keep(torch.tensor([7]), [n], 0.1))
     out["other_seed_same"] = torch.equal(one, dropout_keep(torch.tensor([8]), [n], 0.1))
+    out["high_bits_seed_same"] = torch.equal(one, dropout_keep(torch.tensor([7 + 2**40]), [n], 0.1))  # a 64-bit key
     out["halves_same"] = torch.equal(one[:50_000], one[50_000:100_000])
     drop = MaskDropout(0.25).train()
     x = torch.randn(64, 33, requires_grad=True)

@@ -20,6 +20,7 @@ def test_masks_keep_one_minus_p_in_every_lane_and_the_module_is_dropout():
         assert abs(m["neighbour_corr"]) < 0.02, m
         assert abs(m["tail_kept"] - (1 - p)) < 0.08, m
     assert r["same_seed_same"] and not r["other_seed_same"] and not r["halves_same"], r
+    assert not r["high_bits_seed_same"], r  # seeds take 62 bits: the key's high word matters
     mod = r["module"]  # 64 x 33 entries, p 0.25
     assert abs(mod["kept"] - 0.75) < 0.05 and mod["values"] < 1e-5 and mod["grad"] == 0.0, mod
     assert mod["eval_identity"], mod

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from seqcls.short_attention import _PHILOX_ROUNDS, available
+from seqcls.short_attention import _PHILOX_ROUNDS, SEED_BOUND, available
 
 if available():
     import triton
@@ -63,7 +63,9 @@ class MaskDropout(torch.nn.Dropout):
             return x
         if self.p == 1.0:
             return x * 0.0
-        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+        if x.numel() >= 2**31:  # the kernel's indices are 32-bit
+            return super().forward(x)
+        seed = torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=x.device)
         return x * dropout_keep(seed, list(x.shape), self.p) * (1.0 / (1.0 - self.p))
 
 

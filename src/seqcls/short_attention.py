@@ -37,6 +37,7 @@ TILES = (32, 64, 128, 256)
 """Key-tile widths: a sequence of n tokens runs in the smallest tile of at least n rows."""
 _OFFSETS_PER_PROGRAM = max(TILES) * max(TILES) // 8  # Philox counters one (sequence, head) may use
 _PHILOX_ROUNDS = 10  # Philox4x32-10, as cuRAND's and torch's CUDA generator
+SEED_BOUND = 2**62  # the dropout seeds' range (Philox's key is 64 bits)
 # key tile -> (query block, warps, pipeline stages) of the forward and of the backward kernel: the query
 # rows a step of a program's loop takes, its warps, and Triton's software-pipelining depth of that loop.
 # Tuned on an H200 on MRPC's random b256 batches (roberta-large's heads, dropout 0.1; docs/benchmarks.md).
@@ -188,7 +189,8 @@ def _attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     out = torch.empty(tokens, heads, dim, dtype=query.dtype, device=query.device)
     lse = torch.empty(tokens, heads, dtype=torch.float32, device=query.device)
     # Drawn on the device: a CUDA-graph replay draws a new seed (a Python int would be baked into the graph).
-    seed = (torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=query.device) if dropout > 0
+    # 62 bits of Philox's 64-bit key: two of a long run's millions of calls sharing a mask stays unlikely.
+    seed = (torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=query.device) if dropout > 0
             else torch.zeros(1, dtype=torch.int64, device=query.device))  # zeros: the op's outputs are deterministic
     threshold, inv_keep = _dropout_args(dropout)
     for low, tile in _launches(max_len):
