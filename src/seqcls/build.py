@@ -352,7 +352,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         rand_dropout(model)
     if cfg.compile.dropout_masks == "triton":
         from seqcls import dropout
-        if not dropout.supported(torch.empty(0, device=device)):
+        if not dropout.supported(device):
             raise ConfigError("compile.dropout_masks=triton needs Triton on an NVIDIA GPU; "
                               "use compile.dropout_masks=inductor")
         log.info("%d dropouts draw their masks from seqcls's Triton kernel", dropout.mask_dropout(model))

@@ -34,9 +34,10 @@ if available():
 _BLOCK = 2048
 
 
-def supported(x: torch.Tensor) -> bool:
-    """Whether the kernel runs for ``x``: Triton on an NVIDIA GPU (on CPU only under TRITON_INTERPRET=1)."""
-    return available() and ((x.is_cuda and torch.version.hip is None) or os.environ.get("TRITON_INTERPRET") == "1")
+def supported(device: torch.device) -> bool:
+    """Whether the kernel runs on ``device``: Triton on an NVIDIA GPU (on CPU only under TRITON_INTERPRET=1)."""
+    return available() and ((device.type == "cuda" and torch.version.hip is None)
+                            or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @torch.library.custom_op("seqcls::dropout_keep", mutates_args=())

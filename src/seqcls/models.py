@@ -260,9 +260,9 @@ def _self_attention_forward(attn, hidden_states, attention_mask=None, *args, **k
             qkv = merged_lora_linear(rows, weight, bias, adapters)
         else:
             qkv = F.linear(rows, weight, bias)
-        if not merged and any(a is not None for a in adapters):
-            parts = [p if a is None else p + a.lora_delta(rows) for p, a in zip(qkv.chunk(3, dim=-1), adapters)]
-            qkv = None
+            if any(a is not None for a in adapters):
+                parts = [p if a is None else p + a.lora_delta(rows) for p, a in zip(qkv.chunk(3, dim=-1), adapters)]
+                qkv = None
         if qkv is not None:
             parts = qkv.chunk(3, dim=-1)
     cu_seq_lens = kwargs.get("cu_seq_lens")

@@ -90,6 +90,12 @@ if triton is not None:
                  x.to(ptr.dtype.element_ty), mask=inside[:, None])
 
     @triton.jit
+    def _span(cu_ptr, seq):
+        """(first row, rows) of sequence ``seq`` in a packed tensor whose boundaries are ``cu_ptr``."""
+        start = tl.load(cu_ptr + seq)
+        return start, tl.load(cu_ptr + seq + 1) - start
+
+    @triton.jit
     def _scores(q, k, key_in, scale_log2):
         """Scaled scores in log2 units (for exp2), keys outside the sequence at -inf."""
         return tl.where(key_in[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
@@ -100,11 +106,9 @@ if triton is not None:
                     LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
                     DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
         seq, h = tl.program_id(0), tl.program_id(1)
-        kstart = tl.load(cuk_ptr + seq)
-        length = tl.load(cuk_ptr + seq + 1) - kstart
+        kstart, length = _span(cuk_ptr, seq)
         if (length > LO) & (length <= BN):
-            qstart = tl.load(cuq_ptr + seq)
-            queries = tl.load(cuq_ptr + seq + 1) - qstart
+            qstart, queries = _span(cuq_ptr, seq)
             n = tl.arange(0, BN)
             key_in = n < length
             k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
@@ -129,11 +133,9 @@ if triton is not None:
                     LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
                     DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
         seq, h = tl.program_id(0), tl.program_id(1)
-        kstart = tl.load(cuk_ptr + seq)
-        length = tl.load(cuk_ptr + seq + 1) - kstart
+        kstart, length = _span(cuk_ptr, seq)
         if (length > LO) & (length <= BN):
-            qstart = tl.load(cuq_ptr + seq)
-            queries = tl.load(cuq_ptr + seq + 1) - qstart
+            qstart, queries = _span(cuq_ptr, seq)
             n = tl.arange(0, BN)
             key_in = n < length
             k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
