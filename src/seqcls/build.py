@@ -182,6 +182,17 @@ def use_combo_kernels(cfg: DictConfig, device: torch.device) -> bool:
     return _cuda_default(cfg.compile.combo_kernels, device)
 
 
+def use_triton_masks(cfg: DictConfig, device: torch.device, compiled: bool) -> bool:
+    """compile.dropout_masks: whether dropout masks come from seqcls.dropout's Triton kernel."""
+    from seqcls import dropout
+    if cfg.compile.dropout_masks == "auto":
+        return compiled and device.type == "cuda" and dropout.supported(device)
+    if cfg.compile.dropout_masks == "triton" and not dropout.supported(device):
+        raise ConfigError("compile.dropout_masks=triton needs Triton on an NVIDIA GPU; "
+                          "use compile.dropout_masks=inductor")
+    return cfg.compile.dropout_masks == "triton"
+
+
 def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch.dtype],
                 model: torch.nn.Module) -> Optional[int]:
     """compile.pack_sequences: packs the model's training sequences (seqcls.models.pack_sequences) and
@@ -350,12 +361,12 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     if device.type == "cpu" and not compiled:  # compiled code draws its own dropout masks
         from seqcls.models import rand_dropout
         rand_dropout(model)
-    if cfg.compile.dropout_masks == "triton":
+    if use_triton_masks(cfg, device, compiled):
         from seqcls import dropout
-        if not dropout.supported(device):
-            raise ConfigError("compile.dropout_masks=triton needs Triton on an NVIDIA GPU; "
-                              "use compile.dropout_masks=inductor")
         log.info("%d dropouts draw their masks from seqcls's Triton kernel", dropout.mask_dropout(model))
+    if cfg.compile.gelu == "erfc" or (cfg.compile.gelu == "auto" and compiled and device.type == "cuda"):
+        from seqcls.gelu import erfc_gelu
+        log.info("%d GELUs compute erf through erfc's Chebyshev fit", erfc_gelu(model))
     if cfg.compile.bf16_residual and amp_dtype == torch.bfloat16:
         from seqcls.models import autocast_layernorms
         log.info("%d LayerNorms return bf16 under autocast (a bf16 residual stream)", autocast_layernorms(model))

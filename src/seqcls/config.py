@@ -348,12 +348,19 @@ class CompileConfig:
     """Under bf16 autocast: LayerNorms read and write bf16 (normalising in fp32 inside the kernel), so the
     residual stream between blocks is bf16 rather than fp32, as in a model loaded in bf16. Halves the
     memory traffic of the dropout + residual + LayerNorm passes. false: autocast's fp32 LayerNorms."""
-    dropout_masks: str = "inductor"
+    dropout_masks: str = "auto"
     """Where the hidden and LoRA dropouts' masks come from. inductor: the compiled code draws them itself
     (one Philox call per element, the integer work of which sets the time of the b256 kernels that hold
     those dropouts). triton: seqcls.dropout's Triton kernel writes each mask (8 entries a Philox call) and
-    the compiled code multiplies it in (needs Triton on an NVIDIA GPU). Not yet measured on a GPU: the
-    default stays inductor until it is (docs/benchmarks.md)."""
+    the compiled code multiplies it in (needs Triton on an NVIDIA GPU). auto: triton where the model is
+    compiled on an NVIDIA GPU with Triton, else inductor. On an H200 (roberta-large LoRA b256): +3.6%
+    samples/s (docs/benchmarks.md)."""
+    gelu: str = "auto"
+    """How the exact (erf) GELU is computed. torch: the model's own (in compiled code, libdevice's erf,
+    ~40 instructions an element, which makes the large-batch GELU kernels bound by arithmetic). erfc:
+    seqcls.gelu, x Φ(x) with Φ from a Chebyshev fit of erfc (relative error ~1e-7; on every finite bf16
+    input the correctly rounded GELU) and the exact derivative. auto: erfc where the model is compiled on
+    a GPU, else torch."""
     inductor_options: dict[str, Any] = field(default_factory=dict)
     """Inductor settings for the compiled model or blocks, on top of compile.mode's and combo_kernels
     (torch.compile's ``options``, named as torch._inductor.list_options() names them; nested keys join
@@ -370,8 +377,9 @@ class CompileConfig:
                f"compile.mode={self.mode} captures CUDA graphs of its own, which cannot sit inside the step's "
                f"graphs; add compile.cuda_graphs=none, or use mode default or max-autotune-no-cudagraphs")
         _check(self.scope in ("model", "blocks"), f"compile.scope must be model or blocks, got {self.scope!r}")
-        _check(self.dropout_masks in ("inductor", "triton"),
-               f"compile.dropout_masks must be inductor or triton, got {self.dropout_masks!r}")
+        _check(self.dropout_masks in ("auto", "inductor", "triton"),
+               f"compile.dropout_masks must be auto, inductor or triton, got {self.dropout_masks!r}")
+        _check(self.gelu in ("auto", "torch", "erfc"), f"compile.gelu must be auto, torch or erfc, got {self.gelu!r}")
         _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")
         _check(self.pack_bucket >= 1, f"compile.pack_bucket must be >= 1, got {self.pack_bucket}")
         _check(self.varlen_kernel in ("auto", "flash", "efficient", "short"),

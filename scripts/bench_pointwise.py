@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""The pointwise kernels of a large-batch step, alone: GELU forward and backward (torch's erf against
+seqcls.gelu's erfc fit), dropout (inductor's masks against seqcls.dropout's Triton kernel, with that
+kernel's block, warps and Philox rounds swept), and a copy as the memory bandwidth to compare with.
+
+    python scripts/bench_pointwise.py                # roberta-large at batch 256: 13,632 tokens
+
+Each row is compiled with torch.compile, captured in a CUDA graph and replayed (bench.cuda_graph_ms);
+GB/s counts the bytes each kernel must read and write once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from bench import cuda_graph_ms  # noqa: E402  (scripts/ is on sys.path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=13632, help="rows (real tokens of a packed step)")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=4096)
+    ap.add_argument("--p", type=float, default=0.1, help="dropout probability")
+    ap.add_argument("--reps", type=int, default=200)
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from seqcls import dropout, gelu
+    from seqcls.short_attention import SEED_BOUND
+
+    torch.manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(args.tokens, args.intermediate, **bf16) * 2
+    g = torch.randn_like(h)
+    x = torch.randn(args.tokens, args.hidden, **bf16)
+    rows = []
+
+    def row(name, fn, nbytes):
+        ms, _, out = cuda_graph_ms(torch.compile(fn, dynamic=False), args.reps)
+        rows.append((name, ms * 1e3, nbytes / ms / 1e6))
+        return out
+
+    hb = h.numel() * 2
+    row("copy (tokens, intermediate), 2x", lambda: h * 2, 2 * hb)
+    a = row("GELU forward, torch", lambda: F.gelu(h), 2 * hb)
+    b = row("GELU forward, erfc fit", lambda: gelu.gelu(h), 2 * hb)
+    diff_f = (a.float() - b.float()).abs().max().item()
+    a = row("GELU backward, torch", lambda: torch.ops.aten.gelu_backward(g, h), 3 * hb)
+    b = row("GELU backward, erfc fit", lambda: gelu.gelu_backward(g, h), 3 * hb)
+    diff_b = (a.float() - b.float()).abs().max().item()
+
+    xb = x.numel() * 2
+    row("dropout, inductor (x, mask out)", lambda: F.dropout(x, args.p, True), 2 * xb + x.numel())
+    scale = 1.0 / (1.0 - args.p)
+    keep = torch.ops.seqcls.dropout_keep
+
+    def masked():
+        seed = torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device="cuda")
+        return x * keep(seed, list(x.shape), args.p) * scale
+    row("dropout, Triton mask kernel + multiply", masked, 2 * xb + x.numel())
+
+    print(f"\n{args.tokens} tokens; max |torch - erfc| forward {diff_f:.3g}, backward {diff_b:.3g}\n")
+    print("| kernel | µs | GB/s |\n|---|---|---|")
+    for name, us, gbs in rows:
+        print(f"| {name} | {us:.1f} | {gbs:.0f} |")
+
+    # The mask kernel alone, over its launch settings.
+    seed = torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device="cuda")
+    out = torch.empty(x.shape, dtype=torch.bool, device="cuda")
+    n, threshold = out.numel(), round(args.p * 65536)
+    print("\n| mask kernel BLOCK | warps | Philox rounds | µs | GB/s written |\n|---|---|---|---|---|")
+    import triton
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (2, 4, 8):
+            for rounds in (7, 10):
+                def launch():
+                    dropout._mask_kernel[(triton.cdiv(n, block),)](out, seed, n, threshold, BLOCK=block,
+                                                                   ROUNDS=rounds, num_warps=warps)
+                ms, _, _ = cuda_graph_ms(launch, args.reps)
+                print(f"| {block} | {warps} | {rounds} | {ms * 1e3:.1f} | {n / ms / 1e6:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
