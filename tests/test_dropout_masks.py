@@ -2,6 +2,7 @@
 interpreter in a process of its own (tests/short_attention_cases.py)."""
 
 import pytest
+import torch
 
 from seqcls.build import build_trainer
 from seqcls.config import ConfigError
@@ -33,3 +34,19 @@ def test_triton_masks_where_they_cannot_run_is_one_clear_error(tmp_path, synthet
     with pytest.raises(ConfigError, match="compile.dropout_masks=triton needs Triton on an NVIDIA GPU"):
         build_trainer(cfg, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_auto_masks_come_from_the_triton_kernel_only_where_the_model_is_compiled_on_a_gpu(tmp_path, synthetic_dir):
+    from omegaconf import OmegaConf
+    from seqcls.build import use_triton_masks
+    from seqcls.dropout import MaskDropout, supported
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_triton_masks(cfg, cuda, compiled=True) == supported(cuda)
+    assert not use_triton_masks(cfg, cuda, compiled=False) and not use_triton_masks(cfg, cpu, compiled=True)
+    OmegaConf.update(cfg, "compile.dropout_masks", "inductor")
+    assert not use_triton_masks(cfg, cuda, compiled=True)
+    OmegaConf.update(cfg, "compile.dropout_masks", "auto")
+    trainer = build_trainer(cfg, tmp_path)  # on CPU: torch's dropout
+    assert any(isinstance(m, torch.nn.Dropout) for m in trainer.model.modules())
+    assert not any(isinstance(m, MaskDropout) for m in trainer.model.modules())

@@ -364,9 +364,6 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     if use_triton_masks(cfg, device, compiled):
         from seqcls import dropout
         log.info("%d dropouts draw their masks from seqcls's Triton kernel", dropout.mask_dropout(model))
-    if cfg.compile.gelu == "erfc" or (cfg.compile.gelu == "auto" and compiled and device.type == "cuda"):
-        from seqcls.gelu import erfc_gelu
-        log.info("%d GELUs compute erf through erfc's Chebyshev fit", erfc_gelu(model))
     if cfg.compile.bf16_residual and amp_dtype == torch.bfloat16:
         from seqcls.models import autocast_layernorms
         log.info("%d LayerNorms return bf16 under autocast (a bf16 residual stream)", autocast_layernorms(model))
