@@ -1,4 +1,4 @@
-"""seqcls.dropout (keep-masks from a Triton kernel, compile.dropout_masks) and seqcls.gelu (compile.gelu), run in Triton's CPU
+"""seqcls.dropout: keep-masks from a Triton kernel (compile.dropout_masks=triton), run in Triton's CPU
 interpreter in a process of its own (tests/short_attention_cases.py)."""
 
 import pytest
@@ -29,39 +29,24 @@ def test_masks_keep_one_minus_p_in_every_lane_and_the_module_is_dropout():
     assert r["opcheck"] == [], r
 
 
-def test_gelu_kernels_are_torch_gelu_forward_and_backward():
-    r = run_case("gelu")
-    f32, f16 = r["torch.float32"], r["torch.float16"]
-    assert f32["dtype"] == "torch.float32" and f16["dtype"] == "torch.float16" and f32["shape"] == [5000], r
-    assert f32["fwd"] < 1e-5 and f32["grad"] < 1e-5, r  # values up to ~12: float32 rounding
-    assert f16["fwd"] < 1e-2 and f16["grad"] < 1e-2, r  # one fp16 unit at ~12 is 7.8e-3
-    assert r["strided"] < 1e-5 and r["compiled"][0] < 1e-5 and r["compiled"][1], r
-    assert r["opcheck"] == [], r
-    assert r["swapped"] == [3, 1, True] and r["model"] < 1e-5, r
-
-
-@pytest.mark.parametrize("key,library", [("dropout_masks", "inductor"), ("gelu", "torch")])
-def test_triton_kernels_where_they_cannot_run_is_one_clear_error(tmp_path, synthetic_dir, key, library):
-    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [f"compile.{key}=triton"])
-    with pytest.raises(ConfigError, match=f"compile.{key}=triton needs Triton on an NVIDIA GPU; "
-                                          f"use compile.{key}={library}"):
+def test_triton_masks_where_they_cannot_run_is_one_clear_error(tmp_path, synthetic_dir):
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + ["compile.dropout_masks=triton"])
+    with pytest.raises(ConfigError, match="compile.dropout_masks=triton needs Triton on an NVIDIA GPU"):
         build_trainer(cfg, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("key,library", [("dropout_masks", "inductor"), ("gelu", "torch")])
-def test_auto_runs_the_triton_kernels_only_where_the_model_is_compiled_on_a_gpu(tmp_path, synthetic_dir, key, library):
+def test_auto_masks_come_from_the_triton_kernel_only_where_the_model_is_compiled_on_a_gpu(tmp_path, synthetic_dir):
     from omegaconf import OmegaConf
-    from seqcls.build import use_triton
+    from seqcls.build import use_triton_masks
     from seqcls.dropout import MaskDropout, supported
-    from seqcls.gelu import _TritonGELUActivation
     cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert use_triton(cfg, key, cuda, compiled=True) == supported(cuda)
-    assert not use_triton(cfg, key, cuda, compiled=False) and not use_triton(cfg, key, cpu, compiled=True)
-    OmegaConf.update(cfg, f"compile.{key}", library)
-    assert not use_triton(cfg, key, cuda, compiled=True)
-    OmegaConf.update(cfg, f"compile.{key}", "auto")
-    modules = list(build_trainer(cfg, tmp_path).model.modules())  # on CPU: torch's dropout and GELU
-    assert not any(isinstance(m, (MaskDropout, _TritonGELUActivation)) for m in modules)
-    assert any(isinstance(m, torch.nn.Dropout) for m in modules)
+    assert use_triton_masks(cfg, cuda, compiled=True) == supported(cuda)
+    assert not use_triton_masks(cfg, cuda, compiled=False) and not use_triton_masks(cfg, cpu, compiled=True)
+    OmegaConf.update(cfg, "compile.dropout_masks", "inductor")
+    assert not use_triton_masks(cfg, cuda, compiled=True)
+    OmegaConf.update(cfg, "compile.dropout_masks", "auto")
+    trainer = build_trainer(cfg, tmp_path)  # on CPU: torch's dropout
+    assert any(isinstance(m, torch.nn.Dropout) for m in trainer.model.modules())
+    assert not any(isinstance(m, MaskDropout) for m in trainer.model.modules())

@@ -355,11 +355,6 @@ class CompileConfig:
     the compiled code multiplies it in (needs Triton on an NVIDIA GPU). auto: triton where the model is
     compiled on an NVIDIA GPU with Triton, else inductor. On an H200 (roberta-large LoRA b256): +3.6%
     samples/s (docs/benchmarks.md)."""
-    gelu: str = "auto"
-    """How the exact (erf) GELU runs. torch: the model's own (compiled: inductor's kernels, which a large
-    batch finds bound by libdevice erf's arithmetic). triton: seqcls.gelu's kernels, the same arithmetic
-    launched in programs of 2048 elements (an H200: 7.6% faster forward, 11% backward, at roberta-large
-    b256's shapes). auto: triton where the model is compiled on an NVIDIA GPU with Triton, else torch."""
     inductor_options: dict[str, Any] = field(default_factory=dict)
     """Inductor settings for the compiled model or blocks, on top of compile.mode's and combo_kernels
     (torch.compile's ``options``, named as torch._inductor.list_options() names them; nested keys join
@@ -378,7 +373,6 @@ class CompileConfig:
         _check(self.scope in ("model", "blocks"), f"compile.scope must be model or blocks, got {self.scope!r}")
         _check(self.dropout_masks in ("auto", "inductor", "triton"),
                f"compile.dropout_masks must be auto, inductor or triton, got {self.dropout_masks!r}")
-        _check(self.gelu in ("auto", "torch", "triton"), f"compile.gelu must be auto, torch or triton, got {self.gelu!r}")
         _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")
         _check(self.pack_bucket >= 1, f"compile.pack_bucket must be >= 1, got {self.pack_bucket}")
         _check(self.varlen_kernel in ("auto", "flash", "efficient", "short"),
