@@ -112,3 +112,21 @@ def test_bf16_frozen_lora_base_trains_bit_for_bit_as_fp32_and_saves_the_merged_u
     delta = m.scale * (m.lora_B.weight.float() @ m.lora_A.weight.float())
     assert delta.abs().max() > 0
     torch.testing.assert_close(saved[f"{query}.weight"] - m.weight.float(), delta, atol=1e-6, rtol=1e-4)
+
+
+def test_a_log_steps_values_are_read_after_the_next_step_is_queued_and_its_row_precedes_validation(tmp_path, synthetic_dir):
+    """Reading a log step's loss at once would leave a GPU idle while the host writes the row and prepares
+    the next batch: its row is written once the next step is launched, and before any validation row."""
+    run_dir = tmp_path / "run"
+    trainer = build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+        "step_scheduler.max_steps=7", "step_scheduler.log_every_steps=2", "step_scheduler.val_every_steps=4",
+        "checkpoint.enabled=false"]), run_dir)
+    events, step, write = [], trainer.train_step, trainer.metrics_log.write
+    trainer.train_step = lambda micro: (events.append(f"step {trainer.step + 1}"), step(micro))[1]
+    trainer.metrics_log.write = lambda row: (events.append(f"{row['split']} {row['step']}"), write(row))[1]
+    trainer.fit()
+    assert events == ["step 1", "step 2", "step 3", "train 2", "step 4", "train 4", "validation 4",
+                      "step 5", "step 6", "step 7", "train 6", "train 7", "validation 7"]
+    rows = read_rows(run_dir, "train")
+    assert [r["step"] for r in rows] == [2, 4, 6, 7] and all(r["samples_per_s"] > 0 for r in rows)
+    assert all(isinstance(r[k], float) for r in rows for k in ("loss", "lr", "grad_norm"))

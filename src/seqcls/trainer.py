@@ -323,9 +323,12 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.dist.is_writer and sys.stderr.isatty()))
         self.last_validation: Optional[dict[str, float]] = None
-        window_start = time.time()
+        self._window_start = time.time()
         # First step at which the loss was not finite; -1 while all is well. Kept on the device.
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        # A log step's values, read on the host only once the next step is queued: reading them at once
+        # would leave the GPU idle while the host writes the row and prepares the next batch.
+        pending: Optional[dict[str, Any]] = None
         done = self.step >= self.total_steps
         if done and self.step > 0:  # resumed from the final checkpoint: only the final metrics are missing
             self.validate()
@@ -342,26 +345,27 @@ class Trainer:
                 self.window_loss += loss_sum
                 self.window_examples += self.local_batch_size * self.grad_accum_steps * self.dist.world_size
                 bar.update(1)
+                if pending is not None:
+                    self._write_train_row(pending, bar)
+                    pending = None
                 last = self.step >= self.total_steps
                 if self.step % self.log_every_steps == 0 or last:
-                    self._check_finite(bad_step)
-                    loss = float(all_reduce_sum(self.window_loss, self.dist)) / max(1, self.window_examples)
-                    elapsed = time.time() - window_start
-                    row = {"step": self.step, "epoch": self.epoch, "split": "train", "loss": loss,
-                           "lr": float(self.scheduler.get_last_lr()[0]), "grad_norm": float(grad_norm),
-                           "samples_per_s": self.window_examples / max(elapsed, 1e-9)}
-                    self.metrics_log.write(row)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                    if self.dist.is_writer and bar.disable:  # plain log lines when no progress bar
-                        log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s", self.step,
-                                 self.total_steps, self.epoch, loss, row["lr"], row["samples_per_s"])
+                    lr = self.scheduler.get_last_lr()[0]  # a device tensor under step graphs
+                    pending = {"step": self.step, "epoch": self.epoch, "loss": self.window_loss.clone(),
+                               "examples": self.window_examples, "grad_norm": grad_norm.detach().clone(),
+                               "lr": lr.detach().clone() if torch.is_tensor(lr) else lr, "bad_step": bad_step}
                     self.window_loss.zero_()
-                    self.window_examples, window_start = 0, time.time()
+                    self.window_examples = 0
                 self._poll_stop(at_sync_point=self.step % self.log_every_steps == 0 or last)
-                if last or (self.val_every_steps and self.step % self.val_every_steps == 0):
+                validate = last or bool(self.val_every_steps and self.step % self.val_every_steps == 0)
+                save = self.checkpointer is not None and (
+                    last or self.stop_requested or bool(self.ckpt_every_steps and self.step % self.ckpt_every_steps == 0))
+                if pending is not None and (validate or save or self.stop_requested):
+                    self._write_train_row(pending, bar)  # its row before the validation's
+                    pending = None
+                if validate:
                     self.validate()
-                if self.checkpointer is not None and (
-                        last or self.stop_requested or (self.ckpt_every_steps and self.step % self.ckpt_every_steps == 0)):
+                if save:
                     self._check_finite(bad_step)
                     self.checkpointer.save(self)
                 if last or self.stop_requested:
@@ -375,6 +379,22 @@ class Trainer:
         bar.close()
         return {"steps": self.step, "epochs_completed": self.epoch, "wall_time_s": time.time() - start,
                 "final": self.last_validation, "best": self.best, "stopped_early": self.stop_requested and self.step < self.total_steps}
+
+    def _write_train_row(self, pending: dict[str, Any], bar) -> None:
+        """The train row of a log step from ``pending``, its values as device tensors (no row for a window
+        with a non-finite loss: the run stops). The window's rate runs to when its values are read."""
+        self._check_finite(pending["bad_step"])
+        loss = float(all_reduce_sum(pending["loss"], self.dist)) / max(1, pending["examples"])
+        now = time.time()
+        row = {"step": pending["step"], "epoch": pending["epoch"], "split": "train", "loss": loss,
+               "lr": float(pending["lr"]), "grad_norm": float(pending["grad_norm"]),
+               "samples_per_s": pending["examples"] / max(now - self._window_start, 1e-9)}
+        self.metrics_log.write(row)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if self.dist.is_writer and bar.disable:  # plain log lines when no progress bar
+            log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s", row["step"], self.total_steps,
+                     row["epoch"], loss, row["lr"], row["samples_per_s"])
+        self._window_start = now
 
     def _poll_stop(self, *, at_sync_point: bool) -> None:
         """Turn a pending SIGTERM/SIGUSR2 into stop_requested, on every rank at the same step.
