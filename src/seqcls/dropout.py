@@ -1,11 +1,12 @@
 """Dropout whose keep-mask comes from a Triton kernel: 8 entries of 16 random bits from each Philox call.
 
-``compile.dropout_masks=triton``. Inside compiled code, inductor draws a dropout mask with one
-Philox4x32-10 call per element and keeps one of its four 32-bit words (Triton's ``tl.rand``); on roberta-large
-at batch 256 that integer work, not memory, sets the time of the kernels that hold the hidden and LoRA
-dropouts. Here one call gives 8 entries (16 bits each: an entry is dropped with probability
-round(p * 65536) / 65536, within 7.7e-6 of p), written as a bool mask that the compiled code multiplies in,
-so its pointwise kernels only read it. The seed is drawn on the device at each call (a CUDA-graph replay
+``compile.dropout_masks`` (auto: where the model is compiled on an NVIDIA GPU). Inside compiled code,
+inductor draws a dropout mask with one Philox4x32-10 call per element and keeps one of its four 32-bit
+words (Triton's ``tl.rand``); on roberta-large at batch 256 that integer work, not memory, sets the time
+of the kernels that hold the hidden and LoRA dropouts (+3.6% samples/s with this module on an H200).
+Here one call gives 8 entries (16 bits each: an entry is dropped with probability round(p * 65536) /
+65536, within 7.7e-6 of p), written as a bool mask that the compiled code multiplies in, so its
+pointwise kernels only read it. The seed is drawn on the device at each call (a CUDA-graph replay
 draws a new one). The masks' memory is what inductor's own dropout keeps for the backward (a bool a value).
 """
 
