@@ -2,7 +2,9 @@
 """The pointwise kernels of a large-batch step, alone: GELU forward and backward (inductor's kernels
 against a plain Triton kernel of the same arithmetic, libdevice's erf, over its block and warps), dropout
 (inductor's masks against seqcls.dropout's Triton kernel, with that kernel's block, warps and Philox
-rounds swept), and a copy as the memory bandwidth to compare with.
+rounds swept), a LoRA layer's input side [x | scale A(dropout(x))] (torch ops compiled against
+seqcls.lora_input's kernels, over their row block and warps), and a copy as the memory bandwidth to
+compare with.
 
     python scripts/bench_pointwise.py                # roberta-large at batch 256: 13,632 tokens
 
@@ -33,7 +35,7 @@ def main():
     import torch.nn.functional as F
     import triton
     import triton.language as tl
-    from seqcls import dropout
+    from seqcls import dropout, lora_input
     from seqcls.short_attention import SEED_BOUND
 
     torch.manual_seed(0)
@@ -114,6 +116,33 @@ def main():
                                                                    ROUNDS=rounds, num_warps=warps)
                 ms, _, _ = cuda_graph_ms(launch, args.reps)
                 print(f"| {block} | {warps} | {rounds} | {ms * 1e3:.1f} | {n / ms / 1e6:.0f} |")
+
+
+    # A LoRA layer's input side at the merged query/value adapters' rank (16), forward and backward.
+    rank, lscale = 16, 2.0
+    a = (torch.randn(rank, args.hidden, **bf16) * 0.02).requires_grad_()
+    xg = x.clone().requires_grad_()
+    g_xu = torch.randn(args.tokens, args.hidden + rank, **bf16)
+
+    lora_dropout = dropout.MaskDropout(args.p)  # what compiled GPU training runs (compile.dropout_masks=auto)
+
+    @torch.compile(dynamic=False)
+    def torch_input(t, w):
+        return torch.cat([t, F.linear(lora_dropout(t), w) * lscale], dim=1)
+
+    def joined(t, w):
+        return lora_input.joined_input(t, torch.nn.Dropout(args.p), w, lscale)
+
+    print("\n| LoRA input (tokens, hidden) -> [x \\| u], rank 16 | row block | warps | forward µs | forward + backward µs |")
+    print("|---|---|---|---|---|")
+    for name, fn in (("torch ops, compiled", torch_input), ("seqcls.lora_input", joined)):
+        settings = [(None, None)] if fn is torch_input else [(bm, w) for bm in (16, 32, 64) for w in (2, 4, 8)]
+        for bm, warps in settings:
+            if bm is not None:
+                lora_input._BM, lora_input._WARPS = bm, warps
+            f_ms, _, _ = cuda_graph_ms(lambda: fn(x, a.detach()), args.reps)
+            b_ms, _, _ = cuda_graph_ms(lambda: torch.autograd.grad(fn(xg, a), (xg, a), g_xu), args.reps)
+            print(f"| {name} | {bm or '-'} | {warps or '-'} | {f_ms * 1e3:.1f} | {b_ms * 1e3:.1f} |")
 
 
 if __name__ == "__main__":
