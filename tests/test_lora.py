@@ -401,3 +401,17 @@ def test_joined_input_kernel_matches_the_torch_ops_forward_and_backward():
             assert case["dtypes"] == ["torch.float16", "torch.float16"], case
     assert r["opcheck"] == [], r
     assert max(r["layer"]) < 2e-3 and max(r["merged"]) < 2e-3, r
+
+
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 64), (torch.float16, 40)])
+def test_joined_input_leaves_rows_the_kernel_does_not_take_to_the_torch_ops(dtype, width):
+    """fp32 rows, or a width off the kernel's 64-column block: the same layer output through the torch ops."""
+    from seqcls.lora_input import takes
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Parameter(torch.randn(24, width)), None, dim=4, alpha=8, dropout=0.0).to(dtype)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, width).to(dtype)
+    assert not takes(x)
+    expected = layer(x)
+    layer.joined_input = True
+    assert torch.equal(layer(x), expected)

@@ -114,9 +114,9 @@ def lora_linear_joined(xu: Tensor, weight: Tensor, bias: Tensor | None, lora_b: 
 def joined_lora_input(rows: Tensor, dropout: nn.Module, a: Tensor, scale: float) -> Tensor | None:
     """[rows | scale A(dropout(rows))] from seqcls.lora_input's kernel (rows in autocast's dtype under
     autocast), or None where the kernel does not take these rows."""
-    from seqcls.lora_input import joined_input, supported
+    from seqcls.lora_input import joined_input, takes
     rows, = _autocast_cast(rows.device.type, rows)
-    return joined_input(rows, dropout, a, scale) if supported(rows, rows.shape[-1]) else None
+    return joined_input(rows, dropout, a, scale) if takes(rows) else None
 
 
 def _autocast_cast(device: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:

@@ -71,11 +71,10 @@ if available():
 _BM, _BK, _WARPS = 64, 64, 4  # rows and columns a program's tile holds; its warps
 
 
-def supported(x: Tensor, in_features: int) -> bool:
-    """Whether the kernels take rows ``x``: fp16/bf16 on an NVIDIA GPU (on CPU only under TRITON_INTERPRET=1),
-    a width that is a multiple of their column block."""
-    from seqcls.dropout import supported as triton_runs
-    return x.dtype in (torch.float16, torch.bfloat16) and in_features % _BK == 0 and triton_runs(x.device)
+def takes(x: Tensor) -> bool:
+    """Whether the kernels take rows ``x``: fp16/bf16, a width that is a multiple of their column block.
+    (Whether Triton runs on x's device is the builder's check: compile.lora_input=triton.)"""
+    return x.dtype in (torch.float16, torch.bfloat16) and x.shape[-1] % _BK == 0
 
 
 def _launch_shape(a: Tensor, n_rows: int) -> tuple[int, int, int]:
