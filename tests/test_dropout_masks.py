@@ -1,5 +1,5 @@
-"""seqcls.dropout: keep-masks from a Triton kernel (compile.dropout_masks=triton), run in Triton's CPU
-interpreter in a process of its own (tests/short_attention_cases.py)."""
+"""seqcls.dropout (Triton keep-masks, compile.dropout_masks) and compile.lora_input's setting; the kernels
+run in Triton's CPU interpreter in a process of its own (tests/short_attention_cases.py)."""
 
 import pytest
 import torch

@@ -57,6 +57,12 @@ def _(seed, shape, p):
     return torch.empty(shape, dtype=torch.bool, device=seed.device)
 
 
+def keep_mask(shape: list[int], p: float, device: torch.device) -> torch.Tensor:
+    """dropout_keep with a seed drawn on the device at each call (a CUDA-graph replay draws a new one)."""
+    seed = torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=device)
+    return dropout_keep(seed, shape, p)
+
+
 class MaskDropout(torch.nn.Dropout):
     """nn.Dropout with its keep-mask from dropout_keep (state dict, names and ``p`` unchanged)."""
 
@@ -67,8 +73,7 @@ class MaskDropout(torch.nn.Dropout):
             return x * 0.0
         if x.numel() >= 2**31:  # the kernel's indices are 32-bit
             return super().forward(x)
-        seed = torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=x.device)
-        return x * dropout_keep(seed, list(x.shape), self.p) * (1.0 / (1.0 - self.p))
+        return x * keep_mask(list(x.shape), self.p, x.device) * (1.0 / (1.0 - self.p))
 
 
 def mask_dropout(model: torch.nn.Module) -> int:

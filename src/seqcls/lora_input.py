@@ -138,10 +138,7 @@ lora_input.register_autograd(_backward, setup_context=_setup_context)
 def joined_input(rows: Tensor, dropout: torch.nn.Module, a: Tensor, scale: float) -> Tensor:
     """[rows | scale A(dropout(rows))] through lora_input, the mask drawn by seqcls.dropout's kernel
     (``dropout``: the adapter's nn.Dropout or nn.Identity). Rows and A in rows' dtype."""
-    from seqcls.dropout import SEED_BOUND, dropout_keep
+    from seqcls.dropout import keep_mask
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-    keep = None
-    if p > 0.0:
-        seed = torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=rows.device)
-        keep = dropout_keep(seed, list(rows.shape), p)
+    keep = keep_mask(list(rows.shape), p, rows.device) if p > 0.0 else None
     return lora_input(rows.contiguous(), keep, a.to(rows.dtype).contiguous(), scale / (1.0 - p))

@@ -350,9 +350,11 @@ class Trainer:
                     pending = None
                 last = self.step >= self.total_steps
                 if self.step % self.log_every_steps == 0 or last:
-                    lr = self.scheduler.get_last_lr()[0]  # a device tensor under step graphs
+                    # train_step's norm is a fresh tensor each step; the lr, a device tensor under step
+                    # graphs, is rewritten in place by the next step: a copy
+                    lr = self.scheduler.get_last_lr()[0]
                     pending = {"step": self.step, "epoch": self.epoch, "loss": self.window_loss.clone(),
-                               "examples": self.window_examples, "grad_norm": grad_norm.detach().clone(),
+                               "examples": self.window_examples, "grad_norm": grad_norm.detach(),
                                "lr": lr.detach().clone() if torch.is_tensor(lr) else lr, "bad_step": bad_step}
                     self.window_loss.zero_()
                     self.window_examples = 0
