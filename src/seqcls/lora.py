@@ -130,7 +130,7 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xu, weight, bias, lora_b, u):
         n = weight.shape[1]
-        u = xu[:, n:].contiguous() if u is None else u.to(xu.dtype)
+        u = xu[:, n:].contiguous() if u is None else u  # u: lora_linear cast it with x
         ctx.save_for_backward(xu[:, :n] if ctx.needs_input_grad[1] else None, weight, u, lora_b)
         return F.linear(xu, torch.cat([weight, lora_b], dim=1), bias)
 
