@@ -2,9 +2,7 @@
 """The pointwise kernels of a large-batch step, alone: GELU forward and backward (inductor's kernels
 against a plain Triton kernel of the same arithmetic, libdevice's erf, over its block and warps), dropout
 (inductor's masks against seqcls.dropout's Triton kernel, with that kernel's block, warps and Philox
-rounds swept), a LoRA layer's input side [x | scale A(dropout(x))] (torch ops compiled against
-seqcls.lora_input's kernels, over their row block and warps), and a copy as the memory bandwidth to
-compare with.
+rounds swept), and a copy as the memory bandwidth to compare with.
 
     python scripts/bench_pointwise.py                # roberta-large at batch 256: 13,632 tokens
 
@@ -29,12 +27,9 @@ def main():
     ap.add_argument("--intermediate", type=int, default=4096)
     ap.add_argument("--p", type=float, default=0.1, help="dropout probability")
     ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--lora-only", action="store_true", help="only the LoRA input side")
     args = ap.parse_args()
 
     import torch
-    import torch.nn.functional as F
-    from seqcls import dropout, lora_input
 
     torch.manual_seed(0)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
@@ -48,34 +43,7 @@ def main():
         rows.append((name, ms * 1e3, nbytes / ms / 1e6))
         return out
 
-    if not args.lora_only:
-        _gelu_and_dropout(args, h, g, x, row, rows)
-
-    # A LoRA layer's input side at the merged query/value adapters' rank (16), forward and backward.
-    rank, lscale = 16, 2.0
-    a = (torch.randn(rank, args.hidden, **bf16) * 0.02).requires_grad_()
-    xg = x.clone().requires_grad_()
-    g_xu = torch.randn(args.tokens, args.hidden + rank, **bf16)
-
-    lora_dropout = dropout.MaskDropout(args.p)  # what compiled GPU training runs (compile.dropout_masks=auto)
-
-    @torch.compile(dynamic=False)
-    def torch_input(t, w):
-        return torch.cat([t, F.linear(lora_dropout(t), w) * lscale], dim=1)
-
-    def joined(t, w):
-        return lora_input.joined_input(t, torch.nn.Dropout(args.p), w, lscale)
-
-    print("\n| LoRA input (tokens, hidden) -> [x \\| u], rank 16 | row block | warps | forward µs | forward + backward µs |")
-    print("|---|---|---|---|---|")
-    for name, fn in (("torch ops, compiled", torch_input), ("seqcls.lora_input", joined)):
-        settings = [(None, None)] if fn is torch_input else [(bm, w) for bm in (16, 32, 64) for w in (2, 4, 8)]
-        for bm, warps in settings:
-            if bm is not None:
-                lora_input._BM, lora_input._WARPS = bm, warps
-            f_ms, _, _ = cuda_graph_ms(lambda: fn(x, a.detach()), args.reps)
-            b_ms, _, _ = cuda_graph_ms(lambda: torch.autograd.grad(fn(xg, a), (xg, a), g_xu), args.reps)
-            print(f"| {name} | {bm or '-'} | {warps or '-'} | {f_ms * 1e3:.1f} | {b_ms * 1e3:.1f} |")
+    _gelu_and_dropout(args, h, g, x, row, rows)
 
 
 def _gelu_and_dropout(args, h, g, x, row, rows):

@@ -1,4 +1,4 @@
-"""Runs seqcls's Triton kernels (seqcls.short_attention, seqcls.dropout, seqcls.lora_input) in Triton's CPU interpreter and
+"""Runs seqcls's Triton kernels (seqcls.short_attention, seqcls.dropout) in Triton's CPU interpreter and
 prints what the tests check, as JSON. A separate process: the interpreter must be on before the kernels are defined (at import), and the
 rest of the suite must not see it. Half precision (the interpreter's bfloat16 is not usable)."""
 
@@ -188,75 +188,5 @@ def masks() -> dict:
     return out
 
 
-def lora_input() -> dict:
-    """seqcls.lora_input: [x | c (m ⊙ x) A^T] and the gradients of x and A against fp32 torch on the same
-    fp16 inputs, with and without a mask, ranks below and at the kernel's padded 16, a row count that is no
-    multiple of its block; opcheck; a LoRALinear and merged query/key/value adapters with the joined input
-    against the torch ops (no dropout: the same values)."""
-    from seqcls.lora import LoRALinear
-    from seqcls.lora_input import lora_input as op, lora_input_backward
-    from seqcls.models import merged_lora_linear
-    torch.manual_seed(0)
-    out = {}
-    for rank in (8, 16):
-        for masked in (False, True):
-            n, width, c = 130, 128, 0.7
-            x = torch.randn(n, width).half()
-            a = (torch.randn(rank, width) * 0.1).half()
-            keep = torch.rand(n, width) > 0.3 if masked else None
-            g = torch.randn(n, width + rank).half()
-            xk, ak = x.clone().requires_grad_(), a.clone().requires_grad_()
-            xu = op(xk, keep, ak, c)
-            xu.backward(g)
-            xr, ar = x.float().requires_grad_(), a.float().requires_grad_()
-            dropped = xr * keep if masked else xr
-            ref = torch.cat([xr, c * dropped @ ar.t()], dim=1)
-            ref.backward(g.float())
-            err = lambda p, q: (p.float() - q).abs().max().item() / max(1e-6, q.abs().max().item())  # noqa: E731
-            out[f"{rank}-{masked}"] = {"x_exact": torch.equal(xu[:, :width], x), "u": err(xu[:, width:], ref[:, width:]),
-                                       "dx": err(xk.grad, xr.grad), "da": err(ak.grad, ar.grad),
-                                       "shape": list(xu.shape), "dtypes": [str(xk.grad.dtype), str(ak.grad.dtype)]}
-    x, a = torch.randn(70, 64).half(), torch.randn(8, 64).half()
-    keep = torch.rand(70, 64) > 0.5
-    fails = []
-    for args in ((x.requires_grad_(), keep, a.requires_grad_(), 0.5), (x, None, a, 2.0)):
-        fails += [f"lora_input: {k}: {v}" for k, v in torch.library.opcheck(op, args).items() if v != "SUCCESS"]
-    dxu = torch.randn(70, 72).half()
-    fails += [f"backward: {k}: {v}" for k, v in torch.library.opcheck(
-        lora_input_backward, (dxu, x.detach(), keep, a.detach(), 0.5)).items() if v != "SUCCESS"]
-    out["opcheck"] = fails
-    # A layer and the merged adapters, joined input against torch's ops (no dropout: equal up to rounding).
-    layer = LoRALinear(torch.nn.Parameter(torch.randn(48, 64) * 0.1), torch.nn.Parameter(torch.zeros(48)),
-                       dim=8, alpha=16, dropout=0.0).half()
-    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
-    rows = torch.randn(3, 37, 64).half()
-    results = []
-    for joined in (False, True):
-        layer.joined_input = joined
-        layer.zero_grad()
-        r = rows.clone().requires_grad_()
-        y = layer(r)
-        y.backward(torch.ones_like(y))
-        results.append((y.float(), r.grad.float(), layer.lora_A.weight.grad.float(), layer.lora_B.weight.grad.float()))
-    out["layer"] = [(p - q).abs().max().item() / max(1e-6, q.abs().max().item()) for p, q in zip(*results)]
-    adapters = [LoRALinear(torch.nn.Parameter(torch.randn(32, 64) * 0.1), None, dim=8, alpha=8, dropout=0.0).half()
-                if i != 1 else None for i in range(3)]
-    for ad in adapters[::2]:
-        torch.nn.init.normal_(ad.lora_B.weight, std=0.1)
-    weight = torch.randn(96, 64).half() * 0.1
-    merged = []
-    for joined in (False, True):
-        for ad in adapters[::2]:
-            ad.joined_input = joined
-            ad.zero_grad()
-        r = rows.reshape(-1, 64).clone().requires_grad_()
-        y = merged_lora_linear(r, weight, torch.zeros(96).half(), adapters)
-        y.backward(torch.ones_like(y))
-        merged.append((y.float(), r.grad.float(), adapters[0].lora_A.weight.grad.float(), adapters[2].lora_B.weight.grad.float()))
-    out["merged"] = [(p - q).abs().max().item() / max(1e-6, q.abs().max().item()) for p, q in zip(*merged)]
-    return out
-
-
 if __name__ == "__main__":
-    print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck, "masks": masks,
-                      "lora_input": lora_input}[sys.argv[1]]()))
+    print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck, "masks": masks}[sys.argv[1]]()))

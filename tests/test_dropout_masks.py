@@ -1,5 +1,5 @@
-"""seqcls.dropout (Triton keep-masks, compile.dropout_masks) and compile.lora_input's setting; the kernels
-run in Triton's CPU interpreter in a process of its own (tests/short_attention_cases.py)."""
+"""seqcls.dropout (Triton keep-masks, compile.dropout_masks); the kernels run in Triton's CPU interpreter
+in a process of its own (tests/short_attention_cases.py)."""
 
 import pytest
 import torch
@@ -29,26 +29,25 @@ def test_masks_keep_one_minus_p_in_every_lane_and_the_module_is_dropout():
     assert r["opcheck"] == [], r
 
 
-@pytest.mark.parametrize("key,library", [("dropout_masks", "inductor"), ("lora_input", "torch")])
-def test_triton_kernels_where_they_cannot_run_is_one_clear_error(tmp_path, synthetic_dir, key, library):
-    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [f"compile.{key}=triton"])
-    with pytest.raises(ConfigError, match=f"compile.{key}=triton needs Triton on an NVIDIA GPU; "
-                                          f"use compile.{key}={library}"):
+def test_triton_masks_where_they_cannot_run_is_one_clear_error(tmp_path, synthetic_dir):
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + ["compile.dropout_masks=triton"])
+    with pytest.raises(ConfigError, match="compile.dropout_masks=triton needs Triton on an NVIDIA GPU; "
+                                          "use compile.dropout_masks=inductor"):
         build_trainer(cfg, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_auto_masks_come_from_the_triton_kernel_only_where_the_model_is_compiled_on_a_gpu(tmp_path, synthetic_dir):
     from omegaconf import OmegaConf
-    from seqcls.build import use_triton
+    from seqcls.build import use_triton_masks
     from seqcls.dropout import MaskDropout, supported
     cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert use_triton(cfg, "dropout_masks", cuda, compiled=True) == supported(cuda)
-    assert not use_triton(cfg, "dropout_masks", cuda, compiled=False)
-    assert not use_triton(cfg, "dropout_masks", cpu, compiled=True)
+    assert use_triton_masks(cfg, cuda, compiled=True) == supported(cuda)
+    assert not use_triton_masks(cfg, cuda, compiled=False)
+    assert not use_triton_masks(cfg, cpu, compiled=True)
     OmegaConf.update(cfg, "compile.dropout_masks", "inductor")
-    assert not use_triton(cfg, "dropout_masks", cuda, compiled=True)
+    assert not use_triton_masks(cfg, cuda, compiled=True)
     OmegaConf.update(cfg, "compile.dropout_masks", "auto")
     trainer = build_trainer(cfg, tmp_path)  # on CPU: torch's dropout
     assert any(isinstance(m, torch.nn.Dropout) for m in trainer.model.modules())

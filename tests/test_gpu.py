@@ -370,22 +370,3 @@ def test_triton_dropout_masks_draw_anew_each_graph_replay_and_train(data, tmp_pa
     assert "cu_seq_lens" in next(iter(trainer.train_loader)) and trainer.step_graphs is not None
     assert sum(isinstance(m, MaskDropout) and m.p > 0 for m in trainer.model.modules()) >= 4  # hidden and LoRA
     assert sum(losses[s] for s in range(21, 31)) < sum(losses[s] for s in range(1, 11)), losses
-
-
-
-def test_joined_lora_input_trains_like_the_torch_ops_under_step_graphs(data, tmp_path):
-    """compile.lora_input=triton: without dropout, packed LoRA under step graphs follows the torch ops'
-    loss curve; with dropout (the mask kernel's mask, kept for the backward) it trains."""
-    from seqcls.lora import LoRALinear
-    base = NO_DROPOUT + ONE_MICRO_BATCH + ["checkpoint.enabled=false", "peft=lora", "peft.dropout=0.0", "optimizer.lr=5e-3"]
-    _, ref, _ = train(data, tmp_path / "torch", base)
-    trainer, joined, _ = train(data, tmp_path / "joined", base + ["compile.lora_input=triton"])
-    layers = [m for m in trainer.model.modules() if isinstance(m, LoRALinear)]
-    assert layers and all(m.joined_input for m in layers) and trainer.step_graphs is not None
-    assert list(joined) == list(ref)
-    for step in ref:  # bf16: the kernel rounds u once, the torch ops after the matmul and after the scale
-        assert joined[step] == pytest.approx(ref[step], rel=2e-2, abs=2e-3), step
-    extra = ONE_MICRO_BATCH + ["checkpoint.enabled=false", "peft=lora", "optimizer.lr=5e-3", "compile.lora_input=triton",
-                               "step_scheduler.max_steps=30"]
-    _, losses, _ = train(data, tmp_path / "dropout", extra)
-    assert sum(losses[s] for s in range(21, 31)) < sum(losses[s] for s in range(1, 11)), losses

@@ -385,33 +385,3 @@ def test_lora_model_trains_and_checkpoints_under_fsdp2_fully_shard(tmp_path):
         torch.testing.assert_close(logits(model, inputs), logits(reference, inputs), atol=1e-6, rtol=0)
     finally:
         dist.destroy_process_group()
-
-
-def test_joined_input_kernel_matches_the_torch_ops_forward_and_backward():
-    """seqcls.lora_input (compile.lora_input=triton), in Triton's CPU interpreter (a process of its own):
-    [x | c (m ⊙ x) A^T] and the gradients of x and A against fp32 torch on the same fp16 inputs; a
-    LoRALinear and merged query/key/value adapters give what the torch ops give."""
-    from tests.test_short_attention import run_case
-    r = run_case("lora_input")
-    for rank in (8, 16):  # 8: padded to the kernel's 16 columns
-        for masked in (False, True):
-            case = r[f"{rank}-{masked}"]
-            assert case["x_exact"] and case["shape"] == [130, 128 + rank], case
-            assert case["u"] < 2e-3 and case["dx"] < 2e-3 and case["da"] < 2e-3, case  # fp16 rounding
-            assert case["dtypes"] == ["torch.float16", "torch.float16"], case
-    assert r["opcheck"] == [], r
-    assert max(r["layer"]) < 2e-3 and max(r["merged"]) < 2e-3, r
-
-
-@pytest.mark.parametrize("dtype,width", [(torch.float32, 64), (torch.float16, 40)])
-def test_joined_input_leaves_rows_the_kernel_does_not_take_to_the_torch_ops(dtype, width):
-    """fp32 rows, or a width off the kernel's 64-column block: the same layer output through the torch ops."""
-    from seqcls.lora_input import takes
-    torch.manual_seed(0)
-    layer = LoRALinear(torch.nn.Parameter(torch.randn(24, width)), None, dim=4, alpha=8, dropout=0.0).to(dtype)
-    torch.nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(5, width).to(dtype)
-    assert not takes(x)
-    expected = layer(x)
-    layer.joined_input = True
-    assert torch.equal(layer(x), expected)

@@ -182,15 +182,15 @@ def use_combo_kernels(cfg: DictConfig, device: torch.device) -> bool:
     return _cuda_default(cfg.compile.combo_kernels, device)
 
 
-def use_triton(cfg: DictConfig, key: str, device: torch.device, compiled: bool) -> bool:
-    """compile.dropout_masks or compile.lora_input (``key``): whether seqcls's Triton kernels run it. auto:
-    where the model is compiled on an NVIDIA GPU with Triton; asked for where Triton cannot run: ConfigError."""
+def use_triton_masks(cfg: DictConfig, device: torch.device, compiled: bool) -> bool:
+    """compile.dropout_masks: whether the dropout masks come from seqcls's Triton kernel. auto: where the
+    model is compiled on an NVIDIA GPU with Triton; asked for where Triton cannot run: ConfigError."""
     from seqcls import dropout
-    setting, library = cfg.compile[key], "inductor" if key == "dropout_masks" else "torch"
+    setting = cfg.compile.dropout_masks
     if setting == "auto":
         return compiled and device.type == "cuda" and dropout.supported(device)
     if setting == "triton" and not dropout.supported(device):
-        raise ConfigError(f"compile.{key}=triton needs Triton on an NVIDIA GPU; use compile.{key}={library}")
+        raise ConfigError("compile.dropout_masks=triton needs Triton on an NVIDIA GPU; use compile.dropout_masks=inductor")
     return setting == "triton"
 
 
@@ -362,15 +362,9 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     if device.type == "cpu" and not compiled:  # compiled code draws its own dropout masks
         from seqcls.models import rand_dropout
         rand_dropout(model)
-    if use_triton(cfg, "dropout_masks", device, compiled):
+    if use_triton_masks(cfg, device, compiled):
         from seqcls import dropout
         log.info("%d dropouts draw their masks from seqcls's Triton kernel", dropout.mask_dropout(model))
-    if use_triton(cfg, "lora_input", device, compiled):
-        from seqcls.lora import LoRALinear
-        layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-        for m in layers:
-            m.joined_input = True
-        log.info("%d LoRA layers form [x | u] in seqcls's Triton kernel", len(layers))
     if cfg.compile.bf16_residual and amp_dtype == torch.bfloat16:
         from seqcls.models import autocast_layernorms
         log.info("%d LayerNorms return bf16 under autocast (a bf16 residual stream)", autocast_layernorms(model))

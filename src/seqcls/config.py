@@ -355,11 +355,6 @@ class CompileConfig:
     the compiled code multiplies it in (needs Triton on an NVIDIA GPU). auto: triton where the model is
     compiled on an NVIDIA GPU with Triton, else inductor. On an H200 (roberta-large LoRA b256): +3.6%
     samples/s (docs/benchmarks.md)."""
-    lora_input: str = "torch"
-    """How a LoRA layer's input side, [x | scale A(dropout(x))], is formed. torch: a dropout multiply, a
-    matmul by A and a concatenation (three passes over x). triton: seqcls.lora_input's kernel, one pass
-    that reads x and the mask and writes [x | u], and one for the backward (fp16/bf16 rows on an NVIDIA
-    GPU; elsewhere the torch ops). Not yet run on a GPU: off until measured (docs/benchmarks.md)."""
     inductor_options: dict[str, Any] = field(default_factory=dict)
     """Inductor settings for the compiled model or blocks, on top of compile.mode's and combo_kernels
     (torch.compile's ``options``, named as torch._inductor.list_options() names them; nested keys join
@@ -378,8 +373,6 @@ class CompileConfig:
         _check(self.scope in ("model", "blocks"), f"compile.scope must be model or blocks, got {self.scope!r}")
         _check(self.dropout_masks in ("auto", "inductor", "triton"),
                f"compile.dropout_masks must be auto, inductor or triton, got {self.dropout_masks!r}")
-        _check(self.lora_input in ("torch", "triton"),
-               f"compile.lora_input must be torch or triton, got {self.lora_input!r}")
         _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")
         _check(self.pack_bucket >= 1, f"compile.pack_bucket must be >= 1, got {self.pack_bucket}")
         _check(self.varlen_kernel in ("auto", "flash", "efficient", "short"),

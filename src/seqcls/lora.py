@@ -40,8 +40,6 @@ class LoRALinear(nn.Module):
     after any such init (and after materialising a meta-device model).
     """
 
-    joined_input = False  # compile.lora_input=triton sets it: seqcls.lora_input writes [x | u]
-
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, dim: int, alpha: float, dropout: float):
         super().__init__()
         if dim <= 0:
@@ -73,13 +71,8 @@ class LoRALinear(nn.Module):
         # base + B(A(dropout(x)) * scale) as one matrix multiply (lora_linear); scaling A's rank-sized
         # output is out/dim times cheaper than B's.
         rows = x.reshape(-1, self.in_features)
-        xu = joined_lora_input(rows, self.lora_dropout, self.lora_A.weight, self.scale) if self.joined_input else None
-        if xu is not None:  # compile.lora_input=triton: [rows | u] from one kernel
-            out = lora_linear_joined(xu, self.weight, self.bias, self.lora_B.weight)
-        else:
-            u = self.lora_A(self.lora_dropout(rows)) * self.scale
-            out = lora_linear(rows, self.weight, self.bias, u, self.lora_B.weight)
-        return out.view(*x.shape[:-1], self.out_features)
+        u = self.lora_A(self.lora_dropout(rows)) * self.scale
+        return lora_linear(rows, self.weight, self.bias, u, self.lora_B.weight).view(*x.shape[:-1], self.out_features)
 
     def lora_delta(self, x: Tensor) -> Tensor:
         """The adapter's term alone: (alpha / dim) * B(A(dropout(x)))."""
@@ -95,43 +88,23 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, lora_
     (n, out) result once more (torch's addmm with a matrix to add first copies it, then multiplies into
     the copy: on roberta-large's fused query/key/value at batch 256, ~0.1 ms a layer). The backward gives
     the gradients of x and u from one multiply by [W | B], and W's only where W trains. Under autocast it
-    computes in autocast's dtype, as F.linear would."""
-    x, u = _autocast_cast(x.device.type, x, u)
-    return lora_linear_joined(torch.cat([x, u], dim=1), weight, bias, lora_b, u=u)
-
-
-def lora_linear_joined(xu: Tensor, weight: Tensor, bias: Tensor | None, lora_b: Tensor, u: Tensor | None = None) -> Tensor:
-    """lora_linear from [x | u] already joined (seqcls.lora_input writes it in one pass); ``u``, where it
-    exists apart, is kept for B's gradient instead of a copy of xu's last columns."""
-    device = xu.device.type
+    computes in autocast's dtype, as F.linear would. [x | u] is joined outside the autograd function, in
+    the compiled graph."""
+    device = x.device.type
     if torch.is_autocast_enabled(device):
-        xu, weight, lora_b, bias = _autocast_cast(device, xu, weight, lora_b, bias)
+        dtype = torch.get_autocast_dtype(device)
+        x, weight, u, lora_b = (t.to(dtype) for t in (x, weight, u, lora_b))
+        bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device, enabled=False):
-            return _LoRALinear.apply(xu, weight, bias, lora_b, u)
-    return _LoRALinear.apply(xu, weight, bias, lora_b, u)
-
-
-def joined_lora_input(rows: Tensor, dropout: nn.Module, a: Tensor, scale: float) -> Tensor | None:
-    """[rows | scale A(dropout(rows))] from seqcls.lora_input's kernel (rows in autocast's dtype under
-    autocast), or None where the kernel does not take these rows."""
-    from seqcls.lora_input import joined_input, takes
-    rows, = _autocast_cast(rows.device.type, rows)
-    return joined_input(rows, dropout, a, scale) if takes(rows) else None
-
-
-def _autocast_cast(device: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+            return _LoRALinear.apply(torch.cat([x, u], dim=1), weight, bias, lora_b, u)
+    return _LoRALinear.apply(torch.cat([x, u], dim=1), weight, bias, lora_b, u)
 
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xu, weight, bias, lora_b, u):
-        n = weight.shape[1]
-        u = xu[:, n:].contiguous() if u is None else u  # u: lora_linear cast it with x
-        ctx.save_for_backward(xu[:, :n] if ctx.needs_input_grad[1] else None, weight, u, lora_b)
+        # xu = [x | u]; u, also apart, is kept for B's gradient (no copy of xu's last columns).
+        ctx.save_for_backward(xu[:, :weight.shape[1]] if ctx.needs_input_grad[1] else None, weight, u, lora_b)
         return F.linear(xu, torch.cat([weight, lora_b], dim=1), bias)
 
     @staticmethod

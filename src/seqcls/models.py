@@ -473,22 +473,18 @@ def merged_lora_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     as alone, but the adapters see the same dropped input (peft draws a mask per adapter). Forward and
     backward, that is one dropout and four matmuls a block for all its adapters and the base, against one
     dropout, six matmuls and an add per adapter beside the base's."""
-    from seqcls.lora import joined_lora_input, lora_linear, lora_linear_joined
+    from seqcls.lora import lora_linear
     present = [a for a in adapters if a is not None]
     first = present[0]
-    a_stacked = torch.cat([a.lora_A.weight for a in present])
-    xu = joined_lora_input(rows, first.lora_dropout, a_stacked, first.scale) if first.joined_input else None
-    u = None if xu is not None else F.linear(first.lora_dropout(rows), a_stacked) * first.scale
-    width, out = a_stacked.shape[0], weight.shape[0] // len(adapters)
+    u = F.linear(first.lora_dropout(rows), torch.cat([a.lora_A.weight for a in present])) * first.scale
+    width, out = u.shape[-1], weight.shape[0] // len(adapters)
     blocks, start = [], 0
     for adapter in adapters:
         if adapter is None:
-            blocks.append(a_stacked.new_zeros(out, width))
+            blocks.append(u.new_zeros(out, width))
         else:
             blocks.append(F.pad(adapter.lora_B.weight, (start, width - start - adapter.dim)))
             start += adapter.dim
-    if xu is not None:  # compile.lora_input=triton: [rows | u] from one kernel
-        return lora_linear_joined(xu, weight, bias, torch.cat(blocks))
     return lora_linear(rows, weight, bias, u, torch.cat(blocks))
 
 
