@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 ROBERTA_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                      max_position_embeddings=514)
 PROFILED = 5  # steps under torch.profiler (--profile-dir), run after the timed steps
+# One step after the timed ones: the trainer reads a log step's values once the next step is queued, so the
+# last timed window ends as the others do, and before the profiler starts (its start would fall inside it).
+AFTER = 1
 PEAK_FLOPS = {"cuda": 989e12}  # H100 / H200 SXM dense bf16
 
 
@@ -111,7 +114,7 @@ def run_seqcls(args, out: Path) -> dict:
     data, tok = default_paths(args)
     ov = [f"dataset.data_dir={data}", f"model.tokenizer_name_or_path={tok}",
           f"step_scheduler.global_batch_size={args.batch}", f"step_scheduler.local_batch_size={args.batch}",
-          f"step_scheduler.max_steps={args.warmup + args.steps + (PROFILED if args.profile_dir else 0)}", f"step_scheduler.log_every_steps={args.log_every}",
+          f"step_scheduler.max_steps={args.warmup + args.steps + AFTER + (PROFILED if args.profile_dir else 0)}", f"step_scheduler.log_every_steps={args.log_every}",
           "checkpoint.enabled=false", f"optimizer.lr={args.lr}", f"run_dir={out}", "dataset=glue_mrpc",
           f"peft={args.peft}", f"device={args.device}", f"seed={args.seed}", "step_scheduler.max_grad_norm=1.0",
           "lr_scheduler=constant", "lr_scheduler.warmup_ratio=0", f"dataset.max_length={args.max_length}"]
@@ -164,7 +167,7 @@ def profile_steps(trainer, args) -> None:
 
     def step(micro):
         n = trainer.step + 1
-        first = args.warmup + args.steps + 1
+        first = args.warmup + args.steps + AFTER + 1
         if n == first:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
             state["prof"] = profile(activities=acts)

@@ -114,6 +114,18 @@ def test_bf16_frozen_lora_base_trains_bit_for_bit_as_fp32_and_saves_the_merged_u
     torch.testing.assert_close(saved[f"{query}.weight"] - m.weight.float(), delta, atol=1e-6, rtol=1e-4)
 
 
+def test_log_values_are_taken_when_the_step_is_queued_and_read_later():
+    """The next step overwrites its buffers in place (step graphs, the lr tensor): what is read later must be
+    what they held at the log step."""
+    from seqcls.trainer import LogValues
+    loss, norm, lr, bad = torch.tensor(6.5), torch.tensor(0.25), torch.tensor(1e-4, dtype=torch.float64), torch.tensor(2**62)
+    values = LogValues(loss, norm, lr, bad)
+    for t in (loss, norm, lr, bad):
+        t.fill_(-1)
+    assert values.read() == (6.5, 0.25, 1e-4, 2**62)
+    assert LogValues(loss, norm, 3e-5, torch.tensor(7)).read() == (-1.0, -1.0, 3e-5, 7)
+
+
 def test_a_log_steps_values_are_read_after_the_next_step_is_queued_and_its_row_precedes_validation(tmp_path, synthetic_dir):
     """Reading a log step's loss at once would leave a GPU idle while the host writes the row and prepares
     the next batch: its row is written once the next step is launched, and before any validation row."""

@@ -133,6 +133,33 @@ class MetricsLog:
             logger.close()
 
 
+class LogValues:
+    """A log step's loss sum, grad norm, lr and earliest non-finite step, copied to the host without blocking
+    and read after the next step is queued. On a GPU the copy goes to pinned memory behind an event, so the
+    read waits for this step's work alone (a plain .item() would wait for the next step too, and the GPU
+    would sit idle as long as before). Taken as the step's queued: the next step may overwrite its buffers."""
+
+    def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float | torch.Tensor, bad_step: torch.Tensor):
+        device = loss.device
+        lr = lr.detach() if torch.is_tensor(lr) else torch.tensor(lr, dtype=torch.float64, device=device)
+        values = torch.stack([t.detach().to(device=device, dtype=torch.float64).reshape(())
+                              for t in (loss, grad_norm, lr, bad_step)])
+        self.event = None
+        if device.type == "cuda":
+            self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = values
+
+    def read(self) -> tuple[float, float, float, int]:
+        if self.event is not None:
+            self.event.synchronize()
+        loss, grad_norm, lr, bad_step = self.values.tolist()
+        return loss, grad_norm, lr, int(bad_step)
+
+
 class Trainer:
     """Owns the loop; everything it trains with is built by seqcls.build and handed in."""
 
@@ -326,8 +353,8 @@ class Trainer:
         self._window_start = time.time()
         # First step at which the loss was not finite; -1 while all is well. Kept on the device.
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        # A log step's values, read on the host only once the next step is queued: reading them at once
-        # would leave the GPU idle while the host writes the row and prepares the next batch.
+        # A log step's values, read on the host only once the next step is queued (LogValues): reading them
+        # at once would leave the GPU idle while the host writes the row and prepares the next batch.
         pending: Optional[dict[str, Any]] = None
         done = self.step >= self.total_steps
         if done and self.step > 0:  # resumed from the final checkpoint: only the final metrics are missing
@@ -350,12 +377,9 @@ class Trainer:
                     pending = None
                 last = self.step >= self.total_steps
                 if self.step % self.log_every_steps == 0 or last:
-                    # train_step's norm is a fresh tensor each step; the lr, a device tensor under step
-                    # graphs, is rewritten in place by the next step: a copy
-                    lr = self.scheduler.get_last_lr()[0]
-                    pending = {"step": self.step, "epoch": self.epoch, "loss": self.window_loss.clone(),
-                               "examples": self.window_examples, "grad_norm": grad_norm.detach(),
-                               "lr": lr.detach().clone() if torch.is_tensor(lr) else lr, "bad_step": bad_step}
+                    pending = {"step": self.step, "epoch": self.epoch, "examples": self.window_examples,
+                               "values": LogValues(all_reduce_sum(self.window_loss, self.dist), grad_norm,
+                                                   self.scheduler.get_last_lr()[0], self._earliest_bad_step(bad_step))}
                     self.window_loss.zero_()
                     self.window_examples = 0
                 self._poll_stop(at_sync_point=self.step % self.log_every_steps == 0 or last)
@@ -383,14 +407,14 @@ class Trainer:
                 "final": self.last_validation, "best": self.best, "stopped_early": self.stop_requested and self.step < self.total_steps}
 
     def _write_train_row(self, pending: dict[str, Any], bar) -> None:
-        """The train row of a log step from ``pending``, its values as device tensors (no row for a window
-        with a non-finite loss: the run stops). The window's rate runs to when its values are read."""
-        self._check_finite(pending["bad_step"])
-        loss = float(all_reduce_sum(pending["loss"], self.dist)) / max(1, pending["examples"])
+        """The train row of a log step from ``pending`` (no row for a window with a non-finite loss: the run
+        stops). Reading its values waits for that step alone: the window's rate runs to then."""
+        loss, grad_norm, lr, bad_step = pending["values"].read()
+        self._raise_if_bad(bad_step)
+        loss /= max(1, pending["examples"])
         now = time.time()
-        row = {"step": pending["step"], "epoch": pending["epoch"], "split": "train", "loss": loss,
-               "lr": float(pending["lr"]), "grad_norm": float(pending["grad_norm"]),
-               "samples_per_s": pending["examples"] / max(now - self._window_start, 1e-9)}
+        row = {"step": pending["step"], "epoch": pending["epoch"], "split": "train", "loss": loss, "lr": lr,
+               "grad_norm": grad_norm, "samples_per_s": pending["examples"] / max(now - self._window_start, 1e-9)}
         self.metrics_log.write(row)
         bar.set_postfix(loss=f"{loss:.4f}")
         if self.dist.is_writer and bar.disable:  # plain log lines when no progress bar
@@ -411,11 +435,18 @@ class Trainer:
             flag = torch.tensor(int(self.stop_signal.requested), device=self.device)
             self.stop_requested = self.stop_requested or bool(all_reduce_max(flag, self.dist))
 
-    def _check_finite(self, bad_step: torch.Tensor) -> None:
-        # Every rank must raise together, or the others wait in the next collective until the timeout:
-        # agree on the earliest bad step of any rank (a min, written as a max of negatives).
+    def _earliest_bad_step(self, bad_step: torch.Tensor) -> torch.Tensor:
+        """The earliest step of any rank whose loss was not finite, 2**62 for none (a min, written as a max of
+        negatives), on the device: every rank must raise together, or the others wait in the next collective
+        until the timeout."""
         never = torch.full_like(bad_step, 2**62)
-        s = -int(all_reduce_max(-torch.where(bad_step < 0, never, bad_step), self.dist))
+        return -all_reduce_max(-torch.where(bad_step < 0, never, bad_step), self.dist)
+
+    def _check_finite(self, bad_step: torch.Tensor) -> None:
+        self._raise_if_bad(int(self._earliest_bad_step(bad_step)))
+
+    @staticmethod
+    def _raise_if_bad(s: int) -> None:
         if s < 2**62:
             raise NonFiniteLossError(f"the loss became NaN or inf at step {s}; lower optimizer.lr or check the "
                                      f"data (no checkpoint was written from that step on)")
