@@ -425,7 +425,8 @@ class Trainer:
     def _poll_stop(self, *, at_sync_point: bool) -> None:
         """Turn a pending SIGTERM/SIGUSR2 into stop_requested, on every rank at the same step.
 
-        One process checks every step; several agree at the log steps, where they sync anyway.
+        One process checks every step; several agree at the log steps, through an all-reduce the host waits
+        for (with several processes, the one read at a log step that waits for the step's work).
         """
         if self.stop_signal is None:
             return
