@@ -17,8 +17,10 @@ roberta_large is built from its config with random weights (no hub needed).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -184,10 +186,54 @@ def profile_steps(trainer, args) -> None:
             (d / f"{name}_cpu.txt").write_text(ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=110))
             if args.device == "cuda":
                 (d / f"{name}_cuda.txt").write_text(ka.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=110))
+                trace = d / f"{name}_trace.json"
+                state["prof"].export_chrome_trace(str(trace))
+                events = json.loads(trace.read_text())["traceEvents"]
+                (d / f"{name}_gaps.txt").write_text(gpu_gaps_report(gpu_gaps(events), PROFILED))
+                with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as z:
+                    shutil.copyfileobj(f, z)
+                trace.unlink()
             state["prof"] = None
         return out
 
     trainer.train_step = step
+
+
+GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def gpu_gaps(events: list[dict], top: int = 15) -> dict:
+    """Where the GPU stood idle in a profiled stretch (a chrome trace's events): the span from its first
+    kernel, copy or memset to the end of its last, the time covered by at least one of them, and the longest
+    gaps with the names of the work on either side."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?")) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in GPU_EVENTS)
+    if not spans:
+        return {"span_us": 0.0, "busy_us": 0.0, "gap_us": 0.0, "n_gaps": 0, "gaps": []}
+    busy, gaps = 0.0, []
+    start, end, last = spans[0]
+    for s, e, name in spans[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((s - end, last, name))
+            start, end, last = s, e, name
+        elif e >= end:
+            end, last = e, name
+    busy += end - start
+    return {"span_us": end - spans[0][0], "busy_us": busy, "gap_us": sum(g for g, _, _ in gaps),
+            "n_gaps": len(gaps), "gaps": sorted(gaps, reverse=True)[:top]}
+
+
+def gpu_gaps_report(g: dict, steps: int) -> str:
+    if not g["busy_us"]:
+        return "no GPU work in the trace\n"
+    span = g["span_us"]
+    lines = [f"{steps} steps: GPU span {span / 1e3:.2f} ms, busy {g['busy_us'] / 1e3:.2f} ms "
+             f"({100 * g['busy_us'] / span:.1f}%), idle {g['gap_us'] / 1e3:.2f} ms in {g['n_gaps']} gaps; "
+             f"a step: {span / steps / 1e3:.2f} ms span, {g['busy_us'] / steps / 1e3:.2f} ms busy",
+             "longest gaps (µs, the work before -> the work after):"]
+    lines += [f"{gap:10.1f}  {a[:70]} -> {b[:70]}" for gap, a, b in g["gaps"]]
+    return "\n".join(lines) + "\n"
 
 
 def run_hf(args, out: Path) -> dict:

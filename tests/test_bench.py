@@ -1,0 +1,31 @@
+"""scripts/bench.py's reading of a profiler trace: where the GPU stood idle between its kernels."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench import gpu_gaps, gpu_gaps_report  # noqa: E402
+
+
+def kernel(name, ts, dur, cat="kernel"):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+def test_gaps_are_the_time_no_gpu_work_covers_with_the_work_on_either_side():
+    events = [kernel("gemm", 0, 10), kernel("gelu", 5, 20),        # overlapping (two streams): busy 0-25
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 26, "dur": 100},  # host work: not GPU
+              kernel("copy", 40, 5, "gpu_memcpy"),                  # gap 25 -> 40
+              kernel("ln", 45, 5), kernel("memset", 150, 10, "gpu_memset")]  # gap 50 -> 150
+    g = gpu_gaps(events)
+    assert g["span_us"] == 160 and g["busy_us"] == 25 + 5 + 5 + 10 and g["gap_us"] == 15 + 100
+    assert g["n_gaps"] == 2 and g["gaps"] == [(100, "ln", "memset"), (15, "gelu", "copy")]
+    report = gpu_gaps_report(g, steps=2)
+    assert "busy 0.04 ms (28.1%)" in report and "idle 0.12 ms in 2 gaps" in report
+    assert report.splitlines()[2].split() == ["100.0", "ln", "->", "memset"]
+
+
+def test_a_kernel_inside_a_longer_one_does_not_end_the_busy_stretch_early():
+    g = gpu_gaps([kernel("long", 0, 100), kernel("short", 10, 5), kernel("next", 120, 1)])
+    assert g["busy_us"] == 101 and g["gaps"] == [(20, "long", "next")]
+    assert gpu_gaps([{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0, "dur": 1}])["busy_us"] == 0
+    assert gpu_gaps_report(gpu_gaps([]), steps=5) == "no GPU work in the trace\n"
