@@ -141,9 +141,10 @@ class LogValues:
 
     def __init__(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float | torch.Tensor, bad_step: torch.Tensor):
         device = loss.device
-        lr = lr.detach() if torch.is_tensor(lr) else torch.tensor(lr, dtype=torch.float64, device=device)
-        values = torch.stack([t.detach().to(device=device, dtype=torch.float64).reshape(())
-                              for t in (loss, grad_norm, lr, bad_step)])
+        # A float lr (no step graphs) stays on the host: torch.tensor(lr, device=cuda) would be a blocking copy.
+        self.lr = None if torch.is_tensor(lr) else float(lr)
+        tensors = (loss, grad_norm, bad_step) + ((lr,) if self.lr is None else ())
+        values = torch.stack([t.detach().to(device=device, dtype=torch.float64).reshape(()) for t in tensors])
         self.event = None
         if device.type == "cuda":
             self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
@@ -156,8 +157,8 @@ class LogValues:
     def read(self) -> tuple[float, float, float, int]:
         if self.event is not None:
             self.event.synchronize()
-        loss, grad_norm, lr, bad_step = self.values.tolist()
-        return loss, grad_norm, lr, int(bad_step)
+        loss, grad_norm, bad_step, *lr = self.values.tolist()
+        return loss, grad_norm, lr[0] if lr else self.lr, int(bad_step)
 
 
 class Trainer:
