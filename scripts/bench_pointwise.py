@@ -30,6 +30,11 @@ def main():
     args = ap.parse_args()
 
     import torch
+    import torch.nn.functional as F
+    import triton
+    import triton.language as tl
+    from seqcls import dropout
+    from seqcls.short_attention import SEED_BOUND
 
     torch.manual_seed(0)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
@@ -42,18 +47,6 @@ def main():
         ms, _, out = cuda_graph_ms(torch.compile(fn, dynamic=False), args.reps)
         rows.append((name, ms * 1e3, nbytes / ms / 1e6))
         return out
-
-    _gelu_and_dropout(args, h, g, x, row, rows)
-
-
-def _gelu_and_dropout(args, h, g, x, row, rows):
-    """The copy, GELU and dropout rows, the plain-Triton GELU sweep and the mask kernel's sweep."""
-    import torch
-    import torch.nn.functional as F
-    import triton
-    import triton.language as tl
-    from seqcls import dropout
-    from seqcls.short_attention import SEED_BOUND
 
     hb = h.numel() * 2
     row("copy (tokens, intermediate), 2x", lambda: h * 2, 2 * hb)
