@@ -1,6 +1,5 @@
 """Every config option composes, the schema rejects wrong keys/types/values, the CLI prints the config."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +70,6 @@ def test_wrong_type_is_rejected_with_the_key_name():
     ("compile.scope=layers", "compile.scope must be model or blocks"),
     ("compile.varlen_kernel=fast", "compile.varlen_kernel must be auto, flash, efficient or short"),
     ("compile.dropout_masks=cuda", "compile.dropout_masks must be auto, inductor or triton, got 'cuda'"),
-    ("compile.gemm_workspace=0", "compile.gemm_workspace must be auto, none or default, got '0'"),
 ])
 def test_impossible_values_fail_the_schema_checks(override, needle):
     cfg = compose_cfg([override])
@@ -86,31 +84,3 @@ def test_cli_prints_the_composed_job_config():
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.dataset.task == "sst2" and cfg.optimizer.lr == 1e-4
-
-
-@pytest.mark.parametrize("overrides,device,expected", [
-    ([], "cuda", True),                                   # auto under step graphs: no workspace
-    (["compile.cuda_graphs=none"], "cuda", False),        # auto without graphs: torch's
-    (["distributed=fsdp2"], "cuda", False),               # no step graphs under FSDP2
-    ([], "cpu", False),
-    (["compile.gemm_workspace=default"], "cuda", False),
-    (["compile.gemm_workspace=none", "compile.cuda_graphs=none"], "cuda", True),
-])
-def test_gemm_workspace_sets_cublas_environment_only_where_asked(monkeypatch, overrides, device, expected):
-    import torch
-    from seqcls.build import GEMM_WORKSPACE_ENV, set_gemm_workspace
-    for key in GEMM_WORKSPACE_ENV:
-        monkeypatch.delenv(key, raising=False)
-    added = set_gemm_workspace(compose_cfg(overrides), torch.device(device))
-    assert {k: os.environ.get(k) for k in GEMM_WORKSPACE_ENV} == (GEMM_WORKSPACE_ENV if expected else
-                                                                   dict.fromkeys(GEMM_WORKSPACE_ENV))
-    assert added == (GEMM_WORKSPACE_ENV if expected else {})
-
-
-def test_gemm_workspace_keeps_what_the_user_set(monkeypatch):
-    import torch
-    from seqcls.build import set_gemm_workspace
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # e.g. for torch.use_deterministic_algorithms
-    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
-    assert set_gemm_workspace(compose_cfg([]), torch.device("cuda")) == {"CUBLASLT_WORKSPACE_SIZE": "0"}
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from seqcls.build import build_trainer
-from tests.conftest import REPO, compose_cfg, synthetic_overrides, write_synthetic
+from tests.conftest import compose_cfg, synthetic_overrides, write_synthetic
 
 pytestmark = pytest.mark.gpu
 
@@ -388,51 +388,3 @@ def test_log_values_are_the_log_steps_and_their_read_does_not_wait_for_the_next_
     assert values.read() == (6.5, 0.25, 1e-4, 7)
     assert not later.query()
     torch.cuda.synchronize()
-
-
-GEMM_PROBE = """
-import sys, torch
-import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
-from seqcls.build import set_gemm_workspace
-from tests.conftest import compose_cfg
-set_gemm_workspace(compose_cfg(sys.argv[1:]), torch.device("cuda"))
-x = torch.randn(14336, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
-b = torch.zeros(4096, device="cuda", dtype=torch.bfloat16)
-g = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
-def body():
-    F.linear(x, w, b).backward(g)
-    x.grad = None
-side = torch.cuda.Stream()
-side.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(side):
-    body()
-torch.cuda.current_stream().wait_stream(side)
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    body()
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    graph.replay()
-    torch.cuda.synchronize()
-print(sum("Memset" in e.name for e in prof.events()))
-"""
-
-
-def test_gemm_workspace_none_leaves_no_memsets_in_a_captured_step():
-    """compile.gemm_workspace: torch's workspace lets cuBLAS(Lt) pick kernels that zero a counter before each
-    launch (a memset node per GEMM in a graph); none (the step-graph default) removes them. Fresh processes:
-    torch reads the environment at the first GEMM."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k not in ("CUBLASLT_WORKSPACE_SIZE", "CUBLAS_WORKSPACE_CONFIG")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "src"), env.get("PYTHONPATH", "")])
-
-    def memsets(*overrides):
-        out = subprocess.run([sys.executable, "-c", GEMM_PROBE, *overrides], env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return int(out.stdout.split()[-1])
-
-    assert memsets() == 0
-    assert memsets("compile.gemm_workspace=default") > 0

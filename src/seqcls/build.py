@@ -194,27 +194,6 @@ def use_triton_masks(cfg: DictConfig, device: torch.device, compiled: bool) -> b
     return setting == "triton"
 
 
-GEMM_WORKSPACE_ENV = {"CUBLASLT_WORKSPACE_SIZE": "0", "CUBLAS_WORKSPACE_CONFIG": ":0:0"}
-
-
-def set_gemm_workspace(cfg: DictConfig, device: torch.device) -> dict[str, str]:
-    """compile.gemm_workspace: with none (auto: where step graphs may run: CUDA, one model copy) sets the environment that gives
-    cuBLAS and cuBLASLt no workspace, where the user has not set it; torch reads it when the process's
-    first GEMM creates the handles. Returns what it set."""
-    setting = cfg.compile.gemm_workspace
-    if setting == "auto":
-        graphs = device.type == "cuda" and cfg.compile.cuda_graphs == "step" and cfg.distributed.strategy == "none"
-        setting = "none" if graphs else "default"
-    if setting != "none":
-        return {}
-    added = {k: v for k, v in GEMM_WORKSPACE_ENV.items() if k not in os.environ}
-    os.environ.update(added)
-    if added:
-        log.info("cuBLAS without a workspace (compile.gemm_workspace): %s",
-                 " ".join(f"{k}={v}" for k, v in added.items()))
-    return added
-
-
 def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch.dtype],
                 model: torch.nn.Module) -> Optional[int]:
     """compile.pack_sequences: packs the model's training sequences (seqcls.models.pack_sequences) and
@@ -341,7 +320,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     check_targets(cfg, list(cfg.allowed_target_prefixes))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    set_gemm_workspace(cfg, device)
     if device.type == "cpu" and cfg.cpu_keep_freed_memory:
         from seqcls.env import keep_freed_memory
         if keep_freed_memory():

@@ -355,15 +355,6 @@ class CompileConfig:
     the compiled code multiplies it in (needs Triton on an NVIDIA GPU). auto: triton where the model is
     compiled on an NVIDIA GPU with Triton, else inductor. On an H200 (roberta-large LoRA b256): +3.6%
     samples/s (docs/benchmarks.md)."""
-    gemm_workspace: str = "auto"
-    """cuBLAS's workspace. With one, cuBLAS(Lt) picks GEMM kernels that zero a 4-byte counter before
-    each launch: a memset node in a step graph, which costs ~5 us of GPU time (the memset and the gaps
-    around it) against ~1 us between two kernels; roberta-large LoRA b256 has 212 a step, ~1.1 ms of a
-    43 ms step. none: no workspace (CUBLASLT_WORKSPACE_SIZE=0 and CUBLAS_WORKSPACE_CONFIG=:0:0, set when
-    the trainer is built, before the process's first GEMM), so cuBLAS picks the same tiles without the
-    counter. default: torch's workspace. auto: none under step graphs (compile.cuda_graphs=step on
-    CUDA, distributed=none), default elsewhere. Either variable already in the environment is left as it is. On an H200
-    (roberta-large LoRA b256): docs/benchmarks.md."""
     inductor_options: dict[str, Any] = field(default_factory=dict)
     """Inductor settings for the compiled model or blocks, on top of compile.mode's and combo_kernels
     (torch.compile's ``options``, named as torch._inductor.list_options() names them; nested keys join
@@ -384,8 +375,6 @@ class CompileConfig:
                f"compile.dropout_masks must be auto, inductor or triton, got {self.dropout_masks!r}")
         _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")
         _check(self.pack_bucket >= 1, f"compile.pack_bucket must be >= 1, got {self.pack_bucket}")
-        _check(self.gemm_workspace in ("auto", "none", "default"),
-               f"compile.gemm_workspace must be auto, none or default, got {self.gemm_workspace!r}")
         _check(self.varlen_kernel in ("auto", "flash", "efficient", "short"),
                f"compile.varlen_kernel must be auto, flash, efficient or short, got {self.varlen_kernel!r}")
         _check(not (self.cuda_graphs == "step" and flat_options(self.inductor_options).get("triton.cudagraphs")),
