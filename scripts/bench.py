@@ -204,24 +204,30 @@ GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 def gpu_gaps(events: list[dict], top: int = 15) -> dict:
     """Where the GPU stood idle in a profiled stretch (a chrome trace's events): the span from its first
-    kernel, copy or memset to the end of its last, the time covered by at least one of them, and the longest
-    gaps with the names of the work on either side."""
-    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?")) for e in events
+    kernel, copy or memset to the end of its last, the time covered by at least one of them, the longest
+    gaps with the names of the work on either side, and the idle split by its neighbours (``by_side``:
+    gaps next to a memset, else next to a copy, else between two kernels: count and µs). In a CUDA graph a
+    memset node costs more idle around it than a kernel does."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?"), e["cat"]) for e in events
                    if e.get("ph") == "X" and e.get("cat") in GPU_EVENTS)
+    by_side = {cat: [0, 0.0] for cat in ("gpu_memset", "gpu_memcpy", "kernel")}
     if not spans:
-        return {"span_us": 0.0, "busy_us": 0.0, "gap_us": 0.0, "n_gaps": 0, "gaps": []}
+        return {"span_us": 0.0, "busy_us": 0.0, "gap_us": 0.0, "n_gaps": 0, "gaps": [], "by_side": by_side}
     busy, gaps = 0.0, []
-    start, end, last = spans[0]
-    for s, e, name in spans[1:]:
+    start, end, last, last_cat = spans[0]
+    for s, e, name, cat in spans[1:]:
         if s > end:
             busy += end - start
             gaps.append((s - end, last, name))
-            start, end, last = s, e, name
+            side = next(c for c in by_side if c in (last_cat, cat))
+            by_side[side][0] += 1
+            by_side[side][1] += s - end
+            start, end, last, last_cat = s, e, name, cat
         elif e >= end:
-            end, last = e, name
+            end, last, last_cat = e, name, cat
     busy += end - start
     return {"span_us": end - spans[0][0], "busy_us": busy, "gap_us": sum(g for g, _, _ in gaps),
-            "n_gaps": len(gaps), "gaps": sorted(gaps, reverse=True)[:top]}
+            "n_gaps": len(gaps), "gaps": sorted(gaps, reverse=True)[:top], "by_side": by_side}
 
 
 def gpu_gaps_report(g: dict, steps: int) -> str:
@@ -231,6 +237,9 @@ def gpu_gaps_report(g: dict, steps: int) -> str:
     lines = [f"{steps} steps: GPU span {span / 1e3:.2f} ms, busy {g['busy_us'] / 1e3:.2f} ms "
              f"({100 * g['busy_us'] / span:.1f}%), idle {g['gap_us'] / 1e3:.2f} ms in {g['n_gaps']} gaps; "
              f"a step: {span / steps / 1e3:.2f} ms span, {g['busy_us'] / steps / 1e3:.2f} ms busy",
+             "idle by neighbour: " + ", ".join(
+                 f"{label} {n} gaps {us / 1e3:.2f} ms" for label, (n, us) in
+                 zip(("next to a memset", "next to a copy", "between kernels"), g["by_side"].values())),
              "longest gaps (µs, the work before -> the work after):"]
     lines += [f"{gap:10.1f}  {a[:70]} -> {b[:70]}" for gap, a, b in g["gaps"]]
     return "\n".join(lines) + "\n"

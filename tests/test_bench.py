@@ -19,9 +19,18 @@ def test_gaps_are_the_time_no_gpu_work_covers_with_the_work_on_either_side():
     g = gpu_gaps(events)
     assert g["span_us"] == 160 and g["busy_us"] == 25 + 5 + 5 + 10 and g["gap_us"] == 15 + 100
     assert g["n_gaps"] == 2 and g["gaps"] == [(100, "ln", "memset"), (15, "gelu", "copy")]
+    assert g["by_side"] == {"gpu_memset": [1, 100], "gpu_memcpy": [1, 15], "kernel": [0, 0.0]}
     report = gpu_gaps_report(g, steps=2)
     assert "busy 0.04 ms (28.1%)" in report and "idle 0.12 ms in 2 gaps" in report
-    assert report.splitlines()[2].split() == ["100.0", "ln", "->", "memset"]
+    assert "next to a memset 1 gaps 0.10 ms, next to a copy 1 gaps 0.01 ms, between kernels 0 gaps 0.00 ms" in report
+    assert report.splitlines()[3].split() == ["100.0", "ln", "->", "memset"]
+
+
+def test_idle_next_to_a_memset_counts_as_the_memsets_even_after_a_copy():
+    events = [kernel("a", 0, 1), kernel("set", 3, 1, "gpu_memset"), kernel("gemm", 7, 1),  # gaps 2, 3: memset
+              kernel("h2d", 9, 1, "gpu_memcpy"), kernel("set", 14, 1, "gpu_memset"),       # 1: copy, 4: memset
+              kernel("b", 15.5, 1), kernel("c", 17, 1)]                                      # 0.5: memset, 0.5: kernels
+    assert gpu_gaps(events)["by_side"] == {"gpu_memset": [4, 9.5], "gpu_memcpy": [1, 1], "kernel": [1, 0.5]}
 
 
 def test_a_kernel_inside_a_longer_one_does_not_end_the_busy_stretch_early():
