@@ -85,6 +85,8 @@ def main():
     scale = 1.0 / (1.0 - args.p)
     row("dropout, Triton mask kernel + multiply",
         lambda: x * dropout.keep_mask(list(x.shape), args.p, x.device) * scale, 2 * xb + x.numel())
+    row("dropout, Triton packed mask (8 a byte) + multiply",
+        lambda: x * dropout.keep_mask(list(x.shape), args.p, x.device, packed=True) * scale, 2 * xb + x.numel() // 4)
 
     print(f"\n{args.tokens} tokens\n")
     print("| kernel | µs | GB/s |\n|---|---|---|")

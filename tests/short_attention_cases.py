@@ -188,5 +188,63 @@ def masks() -> dict:
     return out
 
 
+def mask_bits() -> dict:
+    """seqcls.dropout's packed masks: the byte layout against numpy's little-endian unpacking, the rate
+    overall, in each bit position and in the last partial byte, seeds; MaskDropout with packed masks
+    (output, gradient, compiled) and opcheck."""
+    import numpy as np
+    from seqcls.dropout import MaskDropout, dropout_keep_bits, unpack_keep
+    n, out = 100_003, {}
+    packed = dropout_keep_bits(torch.tensor([7]), n, 0.1)
+    keep = unpack_keep(packed, [n])
+    reference = np.unpackbits(packed.numpy(), bitorder="little")[:n]
+    out["layout"] = {"shape": list(packed.shape), "dtype": str(packed.dtype),
+                     "matches_numpy": bool((keep.numpy() == reference).all()),
+                     "as_2d": torch.equal(unpack_keep(packed[:12], [8, 12]), keep[:96].view(8, 12))}
+    for p in (0.1, 0.5):
+        f = unpack_keep(dropout_keep_bits(torch.tensor([7]), n, p), [n]).float()
+        bits = f[: n - n % 8].view(-1, 8).mean(0)
+        a, b = f[:-1] - f.mean(), f[1:] - f.mean()
+        out[str(p)] = {"kept": f.mean().item(), "bits": [bits.min().item(), bits.max().item()],
+                       "neighbour_corr": ((a * b).mean() / (a * a).mean()).item(),
+                       "tail_kept": f[-1000:].mean().item()}
+    out["same_seed_same"] = torch.equal(packed, dropout_keep_bits(torch.tensor([7]), n, 0.1))
+    out["other_seed_same"] = torch.equal(packed, dropout_keep_bits(torch.tensor([8]), n, 0.1))
+    out["high_bits_seed_same"] = torch.equal(packed, dropout_keep_bits(torch.tensor([7 + 2**40]), n, 0.1))
+    drop = MaskDropout(0.25).train()
+    drop.packed_mask = True
+    x = torch.randn(64, 33, requires_grad=True)
+    y = drop(x)
+    y.backward(torch.ones_like(y))
+    kept = y != 0
+    out["module"] = {"kept": kept.float().mean().item(), "values": (y[kept] - x[kept] / 0.75).abs().max().item(),
+                     "grad": (x.grad - kept.float() / 0.75).abs().max().item()}
+    compiled = torch.compile(lambda t: drop(t) * 2, backend="aot_eager", fullgraph=True)
+    z = compiled(x)
+    out["compiled_kept"] = (z != 0).float().mean().item()
+    out["compiled_values"] = (z[z != 0] - 2 * x[z != 0] / 0.75).abs().max().item()
+    out["opcheck"] = [f"{k}: {v}" for k, v in torch.library.opcheck(dropout_keep_bits, (torch.tensor([3]), 1001, 0.2)).items()
+                      if v != "SUCCESS"]
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    out["saved"] = {}  # what the compiled forward keeps for the backward, besides float tensors
+    for packed_mask in (False, True):
+        def forward_outputs(gm, inputs, packed_mask=packed_mask):
+            outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+            out["saved"][str(packed_mask)] = sorted([str(o.meta["val"].dtype), list(o.meta["val"].shape)] for o in outputs
+                                                    if not o.meta["val"].dtype.is_floating_point)
+            return make_boxed_func(gm)
+
+        torch._dynamo.reset()
+        drop.packed_mask = packed_mask
+        residual = torch.randn(64, 32)
+        block = torch.compile(lambda t: torch.nn.functional.layer_norm(drop(t) + residual, (32,)),
+                              backend=aot_autograd(fw_compiler=forward_outputs, bw_compiler=lambda gm, _: make_boxed_func(gm),
+                                                   partition_fn=min_cut_rematerialization_partition))
+        block(torch.randn(64, 32, requires_grad=True)).sum().backward()
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck, "masks": masks}[sys.argv[1]]()))
+    print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck, "masks": masks,
+                      "mask_bits": mask_bits}[sys.argv[1]]()))

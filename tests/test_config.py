@@ -69,7 +69,7 @@ def test_wrong_type_is_rejected_with_the_key_name():
     ("lr_scheduler.warmup_ratio=1.5", "warmup_ratio"), ("dataset.max_length=0", "max_length"),
     ("compile.scope=layers", "compile.scope must be model or blocks"),
     ("compile.varlen_kernel=fast", "compile.varlen_kernel must be auto, flash, efficient or short"),
-    ("compile.dropout_masks=cuda", "compile.dropout_masks must be auto, inductor or triton, got 'cuda'"),
+    ("compile.dropout_masks=cuda", "compile.dropout_masks must be auto, inductor, triton or triton_bits, got 'cuda'"),
 ])
 def test_impossible_values_fail_the_schema_checks(override, needle):
     cfg = compose_cfg([override])

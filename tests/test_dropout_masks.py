@@ -29,12 +29,31 @@ def test_masks_keep_one_minus_p_in_every_lane_and_the_module_is_dropout():
     assert r["opcheck"] == [], r
 
 
+def test_packed_masks_hold_8_entries_a_byte_at_the_rate_asked_and_drop_like_dropout():
+    r = run_case("mask_bits")
+    assert r["layout"] == {"shape": [12_501], "dtype": "torch.uint8", "matches_numpy": True, "as_2d": True}, r
+    for p in (0.1, 0.5):
+        m = r[str(p)]
+        assert abs(m["kept"] - (1 - p)) < 0.008, m
+        assert 1 - p - 0.025 < m["bits"][0] and m["bits"][1] < 1 - p + 0.025, m  # each bit position
+        assert abs(m["neighbour_corr"]) < 0.02, m
+        assert abs(m["tail_kept"] - (1 - p)) < 0.08, m
+    assert r["same_seed_same"] and not r["other_seed_same"] and not r["high_bits_seed_same"], r
+    mod = r["module"]
+    assert abs(mod["kept"] - 0.75) < 0.05 and mod["values"] < 1e-5 and mod["grad"] == 0.0, mod
+    assert abs(r["compiled_kept"] - 0.75) < 0.05 and r["compiled_values"] < 1e-5, r
+    assert r["opcheck"] == [], r
+    # AOT autograd keeps the packed bytes for the backward and unpacks them there again
+    assert r["saved"] == {"False": [["torch.bool", [64, 32]]], "True": [["torch.uint8", [256]]]}, r["saved"]
+
+
 def test_triton_masks_where_they_cannot_run_is_one_clear_error(tmp_path, synthetic_dir):
-    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + ["compile.dropout_masks=triton"])
-    with pytest.raises(ConfigError, match="compile.dropout_masks=triton needs Triton on an NVIDIA GPU; "
-                                          "use compile.dropout_masks=inductor"):
-        build_trainer(cfg, tmp_path)
-    assert not (tmp_path / "metrics.jsonl").exists()
+    for setting in ("triton", "triton_bits"):
+        cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [f"compile.dropout_masks={setting}"])
+        with pytest.raises(ConfigError, match=f"compile.dropout_masks={setting} needs Triton on an NVIDIA GPU; "
+                                              "use compile.dropout_masks=inductor"):
+            build_trainer(cfg, tmp_path)
+        assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_auto_masks_come_from_the_triton_kernel_only_where_the_model_is_compiled_on_a_gpu(tmp_path, synthetic_dir):

@@ -342,11 +342,14 @@ def test_capturing_more_shapes_holds_no_more_gpu_memory(data, tmp_path):
     assert allocated[-1] - allocated[0] < 2**20, [f"{(a - allocated[0]) / 2**20:.1f} MiB" for a in allocated]
 
 
-def test_triton_dropout_masks_draw_anew_each_graph_replay_and_train(data, tmp_path):
-    """compile.dropout_masks=triton: the mask kernel inside a CUDA graph gives each replay a new mask at
-    the rate asked; a LoRA run with dropout, packed, under step graphs, trains (its loss falls)."""
+@pytest.mark.parametrize("setting", ["triton", "triton_bits"])
+def test_triton_dropout_masks_draw_anew_each_graph_replay_and_train(data, tmp_path, setting):
+    """compile.dropout_masks=triton (and triton_bits, masks 8 entries a byte): the mask kernel inside a CUDA
+    graph gives each replay a new mask at the rate asked; a LoRA run with dropout, packed, under step
+    graphs, trains (its loss falls)."""
     from seqcls.dropout import MaskDropout
     drop, x = MaskDropout(0.1).train(), torch.ones(4096, 256, device="cuda", dtype=torch.bfloat16)
+    drop.packed_mask = setting == "triton_bits"
     out = torch.empty_like(x)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -364,11 +367,12 @@ def test_triton_dropout_masks_draw_anew_each_graph_replay_and_train(data, tmp_pa
         assert abs(masks[-1].float().mean().item() - 0.9) < 0.005
         assert torch.equal(out[masks[-1]], torch.full_like(out[masks[-1]], 1 / 0.9))
     assert not torch.equal(masks[0], masks[1])
-    extra = ONE_MICRO_BATCH + ["checkpoint.enabled=false", "peft=lora", "optimizer.lr=5e-3", "compile.dropout_masks=triton",
-                               "step_scheduler.max_steps=30"]
+    extra = ONE_MICRO_BATCH + ["checkpoint.enabled=false", "peft=lora", "optimizer.lr=5e-3",
+                               f"compile.dropout_masks={setting}", "step_scheduler.max_steps=30"]
     trainer, losses, _ = train(data, tmp_path, extra)
     assert "cu_seq_lens" in next(iter(trainer.train_loader)) and trainer.step_graphs is not None
-    assert sum(isinstance(m, MaskDropout) and m.p > 0 for m in trainer.model.modules()) >= 4  # hidden and LoRA
+    masked = [m for m in trainer.model.modules() if isinstance(m, MaskDropout) and m.p > 0]
+    assert len(masked) >= 4 and all(m.packed_mask == (setting == "triton_bits") for m in masked)  # hidden and LoRA
     assert sum(losses[s] for s in range(21, 31)) < sum(losses[s] for s in range(1, 11)), losses
 
 

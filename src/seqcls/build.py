@@ -189,9 +189,10 @@ def use_triton_masks(cfg: DictConfig, device: torch.device, compiled: bool) -> b
     setting = cfg.compile.dropout_masks
     if setting == "auto":
         return compiled and device.type == "cuda" and dropout.supported(device)
-    if setting == "triton" and not dropout.supported(device):
-        raise ConfigError("compile.dropout_masks=triton needs Triton on an NVIDIA GPU; use compile.dropout_masks=inductor")
-    return setting == "triton"
+    if setting in ("triton", "triton_bits") and not dropout.supported(device):
+        raise ConfigError(f"compile.dropout_masks={setting} needs Triton on an NVIDIA GPU; "
+                          f"use compile.dropout_masks=inductor")
+    return setting in ("triton", "triton_bits")
 
 
 def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch.dtype],
@@ -364,7 +365,9 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         rand_dropout(model)
     if use_triton_masks(cfg, device, compiled):
         from seqcls import dropout
-        log.info("%d dropouts draw their masks from seqcls's Triton kernel", dropout.mask_dropout(model))
+        packed = cfg.compile.dropout_masks == "triton_bits"
+        log.info("%d dropouts draw their masks from seqcls's Triton kernel%s",
+                 dropout.mask_dropout(model, packed=packed), " (8 entries a byte)" if packed else "")
     if cfg.compile.bf16_residual and amp_dtype == torch.bfloat16:
         from seqcls.models import autocast_layernorms
         log.info("%d LayerNorms return bf16 under autocast (a bf16 residual stream)", autocast_layernorms(model))

@@ -354,7 +354,9 @@ class CompileConfig:
     those dropouts). triton: seqcls.dropout's Triton kernel writes each mask (8 entries a Philox call) and
     the compiled code multiplies it in (needs Triton on an NVIDIA GPU). auto: triton where the model is
     compiled on an NVIDIA GPU with Triton, else inductor. On an H200 (roberta-large LoRA b256): +3.6%
-    samples/s (docs/benchmarks.md)."""
+    samples/s (docs/benchmarks.md). triton_bits: the kernel packs 8 entries a byte and the compiled code
+    unpacks them where it multiplies them in (an eighth of the mask traffic and memory; not yet measured
+    on a GPU, so not the default)."""
     inductor_options: dict[str, Any] = field(default_factory=dict)
     """Inductor settings for the compiled model or blocks, on top of compile.mode's and combo_kernels
     (torch.compile's ``options``, named as torch._inductor.list_options() names them; nested keys join
@@ -371,8 +373,8 @@ class CompileConfig:
                f"compile.mode={self.mode} captures CUDA graphs of its own, which cannot sit inside the step's "
                f"graphs; add compile.cuda_graphs=none, or use mode default or max-autotune-no-cudagraphs")
         _check(self.scope in ("model", "blocks"), f"compile.scope must be model or blocks, got {self.scope!r}")
-        _check(self.dropout_masks in ("auto", "inductor", "triton"),
-               f"compile.dropout_masks must be auto, inductor or triton, got {self.dropout_masks!r}")
+        _check(self.dropout_masks in ("auto", "inductor", "triton", "triton_bits"),
+               f"compile.dropout_masks must be auto, inductor, triton or triton_bits, got {self.dropout_masks!r}")
         _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")
         _check(self.pack_bucket >= 1, f"compile.pack_bucket must be >= 1, got {self.pack_bucket}")
         _check(self.varlen_kernel in ("auto", "flash", "efficient", "short"),
