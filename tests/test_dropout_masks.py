@@ -71,3 +71,17 @@ def test_auto_masks_come_from_the_triton_kernel_only_where_the_model_is_compiled
     trainer = build_trainer(cfg, tmp_path)  # on CPU: torch's dropout
     assert any(isinstance(m, torch.nn.Dropout) for m in trainer.model.modules())
     assert not any(isinstance(m, MaskDropout) for m in trainer.model.modules())
+
+
+@pytest.mark.parametrize("setting,packed", [("triton", False), ("triton_bits", True)])
+def test_the_setting_reaches_every_dropout_of_the_built_model(tmp_path, synthetic_dir, monkeypatch, setting, packed):
+    """build wires compile.dropout_masks into the model (Triton taken as present: no forward runs here)."""
+    from seqcls import dropout
+    from seqcls.dropout import MaskDropout
+    monkeypatch.setattr(dropout, "supported", lambda device: True)
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [f"compile.dropout_masks={setting}",
+                                                                      "compile.enabled=true"])  # compiles lazily
+    trainer = build_trainer(cfg, tmp_path)
+    masked = [m for m in trainer.model.modules() if isinstance(m, MaskDropout)]
+    assert masked and not any(type(m) is torch.nn.Dropout for m in trainer.model.modules())
+    assert all(m.packed_mask == packed for m in masked)
