@@ -20,7 +20,6 @@ import argparse
 import gzip
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -186,13 +185,11 @@ def profile_steps(trainer, args) -> None:
             (d / f"{name}_cpu.txt").write_text(ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=110))
             if args.device == "cuda":
                 (d / f"{name}_cuda.txt").write_text(ka.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=110))
-                trace = d / f"{name}_trace.json"
-                state["prof"].export_chrome_trace(str(trace))
-                events = json.loads(trace.read_text())["traceEvents"]
+                trace = d / f"{name}_trace.json.gz"
+                state["prof"].export_chrome_trace(str(trace))  # gzipped for a .gz name
+                with gzip.open(trace, "rt") as f:
+                    events = json.load(f)["traceEvents"]
                 (d / f"{name}_gaps.txt").write_text(gpu_gaps_report(gpu_gaps(events), PROFILED))
-                with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as z:
-                    shutil.copyfileobj(f, z)
-                trace.unlink()
             state["prof"] = None
         return out
 
