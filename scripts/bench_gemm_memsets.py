@@ -1,15 +1,16 @@
-"""Count the memsets cuBLAS(Lt) puts before its GEMM kernels in a CUDA graph, and time the graph.
+"""Count the memsets cuBLAS(Lt) puts before its GEMM kernels, and time the GEMMs as a CUDA graph.
 
     python scripts/bench_gemm_memsets.py                      # torch's cuBLAS workspaces
     CUBLASLT_WORKSPACE_SIZE=0 CUBLAS_WORKSPACE_CONFIG=:0:0 python scripts/bench_gemm_memsets.py
     python scripts/bench_gemm_memsets.py --blas cublas        # torch.backends.cuda.preferred_blas_library
 
 The four Linear shapes of a roberta-large block (q/k/v fused, attention output, MLP up and down) on
---tokens rows in bf16, forward and the input's backward (as under LoRA's frozen base), ten blocks
-captured as one graph. Prints one JSON line: the replay's milliseconds a block (best of five timings
-of ten replays), the memsets and the kernel time a block, and the GEMM kernels cuBLAS chose. With a
-workspace, cuBLAS picks `coop` kernels that zero a counter before each launch, which a graph holds as
-a memset node (a step's profile shows the idle around them: `bench.py --profile-dir`).
+--tokens rows in bf16, forward and the input's backward (as under LoRA's frozen base). Prints one JSON
+line: the milliseconds a block as ten blocks replayed from one CUDA graph (bench.cuda_graph_ms), and from
+one profiled block the memsets, the kernel time and the GEMM kernels cuBLAS chose. With a workspace,
+cuBLAS picks `coop` kernels that zero a counter before each launch: a memset on the stream, which a
+captured graph holds as a memset node (a step's profile shows the idle around them: `bench.py
+--profile-dir`).
 """
 
 import argparse
@@ -19,11 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from bench import cuda_graph_ms  # scripts/ is on sys.path
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=14336, help="rows (LoRA b256 on MRPC packs ~13.6k tokens)")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), help="torch's preferred BLAS library")
+    ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     if args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
@@ -38,37 +42,18 @@ def main() -> None:
             F.linear(x, w, b).backward(g)
             x.grad = None
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            block()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            block()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        stop.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(stop) / 100)
+    ms, _, _ = cuda_graph_ms(lambda: [block() for _ in range(10)], args.reps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graph.replay()
+        block()
         torch.cuda.synchronize()
     gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels: dict[str, int] = {}
     for e in gpu:
         if "Memset" not in e.name:
             kernels[e.name[:60]] = kernels.get(e.name[:60], 0) + 1
-    print(json.dumps({"ms_per_block": round(best, 4),
-                      "memsets_per_block": sum("Memset" in e.name for e in gpu) / 10,
-                      "kernel_ms_per_block": round(sum(e.device_time for e in gpu) / 1e4, 4),
-                      "kernels": sorted(kernels.items(), key=lambda kv: -kv[1])[:10]}))
+    print(json.dumps({"ms_per_block": round(ms / 10, 4), "memsets_per_block": sum("Memset" in e.name for e in gpu),
+                      "kernel_ms_per_block": round(sum(e.device_time for e in gpu) / 1e3, 4),
+                      "kernels": sorted(kernels.items(), key=lambda kv: -kv[1])}))
 
 
 if __name__ == "__main__":
