@@ -193,13 +193,14 @@ def mask_bits() -> dict:
     overall, in each bit position and in the last partial byte, seeds; MaskDropout with packed masks
     (output, gradient, compiled) and opcheck."""
     import numpy as np
-    from seqcls.dropout import MaskDropout, dropout_keep_bits, unpack_keep
+    from seqcls.dropout import MaskDropout, dropout_keep, dropout_keep_bits, unpack_keep
     n, out = 100_003, {}
     packed = dropout_keep_bits(torch.tensor([7]), n, 0.1)
     keep = unpack_keep(packed, [n])
     reference = np.unpackbits(packed.numpy(), bitorder="little")[:n]
     out["layout"] = {"shape": list(packed.shape), "dtype": str(packed.dtype),
                      "matches_numpy": bool((keep.numpy() == reference).all()),
+                     "is_the_bool_mask": torch.equal(keep.bool(), dropout_keep(torch.tensor([7]), [n], 0.1)),
                      "as_2d": torch.equal(unpack_keep(packed[:12], [8, 12]), keep[:96].view(8, 12))}
     for p in (0.1, 0.5):
         f = unpack_keep(dropout_keep_bits(torch.tensor([7]), n, p), [n]).float()

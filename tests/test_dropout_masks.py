@@ -31,7 +31,8 @@ def test_masks_keep_one_minus_p_in_every_lane_and_the_module_is_dropout():
 
 def test_packed_masks_hold_8_entries_a_byte_at_the_rate_asked_and_drop_like_dropout():
     r = run_case("mask_bits")
-    assert r["layout"] == {"shape": [12_501], "dtype": "torch.uint8", "matches_numpy": True, "as_2d": True}, r
+    assert r["layout"] == {"shape": [12_501], "dtype": "torch.uint8", "matches_numpy": True,
+                           "is_the_bool_mask": True, "as_2d": True}, r  # the same mask as dropout_keep's, packed
     for p in (0.1, 0.5):
         m = r[str(p)]
         assert abs(m["kept"] - (1 - p)) < 0.008, m

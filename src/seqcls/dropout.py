@@ -27,28 +27,28 @@ if available():
     import triton.language as tl
 
     @triton.jit
-    def _mask_kernel(out_ptr, seed_ptr, n, threshold, BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
-        W: tl.constexpr = BLOCK // 8
-        pid = tl.program_id(0)
-        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), pid * W + tl.arange(0, W), ROUNDS)
+    def _philox16(seed_ptr, first, CALLS: tl.constexpr, ROUNDS: tl.constexpr):
+        """16-bit random values, 8 from each of Philox calls first .. first + CALLS - 1: (CALLS, 8)."""
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), first + tl.arange(0, CALLS), ROUNDS)
         r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
         r = tl.join(r & 0xFFFF, (r >> 16) & 0xFFFF)
+        return tl.reshape(r, (CALLS, 8))
+
+    @triton.jit
+    def _mask_kernel(out_ptr, seed_ptr, n, threshold, BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
+        pid = tl.program_id(0)
+        r = _philox16(seed_ptr, pid * (BLOCK // 8), BLOCK // 8, ROUNDS)
         index = pid * BLOCK + tl.arange(0, BLOCK)
         tl.store(out_ptr + index, tl.reshape(r, (BLOCK,)) >= threshold, mask=index < n)
 
     @triton.jit
     def _mask_bits_kernel(out_ptr, seed_ptr, n_bytes, threshold, BYTES: tl.constexpr, ROUNDS: tl.constexpr):
-        """Byte j holds entries 8j..8j+7: bit k is the k-th 16-bit half of Philox call j's four words."""
-        index = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
-        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), index, ROUNDS)
-        byte = ((r0 & 0xFFFF) >= threshold).to(tl.uint8)
-        byte |= (((r0 >> 16) & 0xFFFF) >= threshold).to(tl.uint8) << 1
-        byte |= ((r1 & 0xFFFF) >= threshold).to(tl.uint8) << 2
-        byte |= (((r1 >> 16) & 0xFFFF) >= threshold).to(tl.uint8) << 3
-        byte |= ((r2 & 0xFFFF) >= threshold).to(tl.uint8) << 4
-        byte |= (((r2 >> 16) & 0xFFFF) >= threshold).to(tl.uint8) << 5
-        byte |= ((r3 & 0xFFFF) >= threshold).to(tl.uint8) << 6
-        byte |= (((r3 >> 16) & 0xFFFF) >= threshold).to(tl.uint8) << 7
+        """Byte j holds _mask_kernel's entries 8j .. 8j + 7 for the same seed (Philox call j's), entry 8j + k
+        as bit k."""
+        pid = tl.program_id(0)
+        keep = (_philox16(seed_ptr, pid * BYTES, BYTES, ROUNDS) >= threshold).to(tl.uint8)
+        byte = tl.sum(keep << tl.arange(0, 8).to(tl.uint8)[None, :], axis=1).to(tl.uint8)
+        index = pid * BYTES + tl.arange(0, BYTES)
         tl.store(out_ptr + index, byte, mask=index < n_bytes)
 
 _BLOCK = 2048
@@ -78,8 +78,8 @@ def _(seed, shape, p):
 
 @torch.library.custom_op("seqcls::dropout_keep_bits", mutates_args=())
 def dropout_keep_bits(seed: torch.Tensor, n: int, p: float) -> torch.Tensor:
-    """dropout_keep's mask of ``n`` entries packed 8 a byte (uint8, ceil(n / 8) bytes): entry i is bit
-    i % 8 of byte i // 8 (unpack_keep reads it)."""
+    """dropout_keep's mask of ``n`` entries for the same seed, packed 8 a byte (uint8, ceil(n / 8) bytes):
+    entry i is bit i % 8 of byte i // 8 (unpack_keep reads it)."""
     n_bytes = -(-n // 8)
     out = torch.empty(n_bytes, dtype=torch.uint8, device=seed.device)
     if n_bytes:
