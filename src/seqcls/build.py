@@ -411,8 +411,11 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         from seqcls.optim import MasterWeightAdamW, weight_buckets
         opt_kwargs.pop("fused")
         hyper = {k: v for k, v in cfg.optimizer.items() if k not in ("_target_", "_partial_")}
+        overlap = cfg.compile.overlap_update
+        if overlap is None:
+            overlap = graphs and plan["grad_accum_steps"] == 1
         optimizer = MasterWeightAdamW(params, **{**hyper, **opt_kwargs}, masters=masters, compiled=graphs,
-                                      buckets=weight_buckets(model, list(masters)), defer=cfg.compile.overlap_update,
+                                      buckets=weight_buckets(model, list(masters)), defer=bool(overlap),
                                       decoupled_weight_decay=cfg.optimizer._target_ == "torch.optim.AdamW")
     else:
         optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)
