@@ -163,12 +163,3 @@ def test_a_run_with_the_update_deferred_trains_validates_and_resumes_as_one_with
     a, b = (load_file(str(tmp_path / name / "checkpoints" / "step_00000006" / "model" / "model.safetensors"))
             for name in ("ref", "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_under_one_compiled_graph_for_the_whole_model_every_wait_comes_before_it():
-    model = Blocks()
-    opt = optimizer(model, True)
-    model.compile(backend="eager")
-    opt.wait_hooks(model)
-    assert [name for name, m in model.named_modules() if m._forward_pre_hooks] == [""]
-    assert len(model._forward_pre_hooks) == 5
