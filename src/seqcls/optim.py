@@ -191,8 +191,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if defer:
             for b in self._all_buckets():
                 b.defer()
-                # made here, not first inside a CUDA graph's capture (whose pool would hold it)
-                self._true_tensor = torch.ones((), dtype=torch.bool, device=b.weight.device)
         # Static shapes: a kernel per bucket size (whole blocks: a few sizes), not a size-generic one.
         self._update, self._scalars = _master_update, _adam_scalars
         if compiled:
@@ -295,7 +293,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         return [b for buckets in self._buckets for b in buckets]
 
     def _true(self, device) -> torch.Tensor:
-        if getattr(self, "_true_tensor", None) is None:  # buckets added after construction
+        if getattr(self, "_true_tensor", None) is None:
             self._true_tensor = torch.ones((), dtype=torch.bool, device=device)
         return self._true_tensor
 
