@@ -397,18 +397,3 @@ def test_log_values_are_the_log_steps_and_their_read_does_not_wait_for_the_next_
         if check:
             assert not later.query()
         torch.cuda.synchronize()
-
-
-def test_the_update_beside_the_next_forward_trains_as_the_update_inside_the_step(data, tmp_path):
-    """compile.overlap_update (on by default here): each step's update of the bf16 weights runs in the next
-    step's graph on a side stream, each block's forward waiting for its own bucket; the same kernels on
-    the same values, so the same training bit for bit, with validation in between (a flush)."""
-    extra = ONE_MICRO_BATCH + ["compile.enabled=true", "step_scheduler.val_every_steps=5", "checkpoint.enabled=false"]
-    on_run, on, on_params = train(data, tmp_path / "on", extra)
-    off_run, off, off_params = train(data, tmp_path / "off", extra + ["compile.overlap_update=false"])
-    assert on_run.optimizer.defer and not off_run.optimizer.defer
-    assert on_run.step_graphs is not None and on_run.optimizer._side is not None  # launched from the graphs
-    assert list(on) == list(off) == list(range(1, 13))
-    assert on == off
-    for name, p in off_params.items():
-        assert torch.equal(on_params[name], p), (name, (on_params[name] - p).abs().max().item())

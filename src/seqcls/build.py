@@ -411,11 +411,8 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         from seqcls.optim import MasterWeightAdamW, weight_buckets
         opt_kwargs.pop("fused")
         hyper = {k: v for k, v in cfg.optimizer.items() if k not in ("_target_", "_partial_")}
-        overlap = cfg.compile.overlap_update
-        if overlap is None:
-            overlap = graphs and plan["grad_accum_steps"] == 1
         optimizer = MasterWeightAdamW(params, **{**hyper, **opt_kwargs}, masters=masters, compiled=graphs,
-                                      buckets=weight_buckets(model, list(masters)), defer=bool(overlap),
+                                      buckets=weight_buckets(model, list(masters)),
                                       decoupled_weight_decay=cfg.optimizer._target_ == "torch.optim.AdamW")
     else:
         optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)
@@ -430,9 +427,6 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     elif cfg.compile.inductor_options:
         log.warning("compile.inductor_options is set but nothing is compiled (compile.enabled resolved to false "
                     "on %s): add compile.enabled=true for it to apply", device.type)
-    if getattr(optimizer, "defer", False):  # after compiling: the waits go on the compiled blocks
-        optimizer.wait_hooks(model)
-        log.info("the update of the bf16 weights runs beside the next step's forward (compile.overlap_update)")
     lr_lambda = instantiate(cfg.lr_scheduler)(plan["total_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 

@@ -344,12 +344,6 @@ class CompileConfig:
     instead of casting them to bf16 every forward and their gradients to fp32 every backward. Full
     fine-tuning: the whole model but the embeddings; LoRA: the adapters and the head. Same training up to
     float rounding order; the saved model and adapter hold the fp32 masters."""
-    overlap_update: Optional[bool] = None
-    """With bf16_master_weights: run each step's update of the bf16 weights at the start of the next
-    forward, on a side stream, each block's update beside the forward of the blocks before it (each block
-    waits for its own update alone; seqcls.optim). The same training bit for bit; the gradients of the
-    bf16 weights are kept between steps (their size in memory: 0.6 GiB for roberta-large). null: on under
-    step CUDA graphs with one micro-batch a step, off elsewhere (nothing runs beside the update there)."""
     bf16_residual: bool = True
     """Under bf16 autocast: LayerNorms read and write bf16 (normalising in fp32 inside the kernel), so the
     residual stream between blocks is bf16 rather than fp32, as in a model loaded in bf16. Halves the

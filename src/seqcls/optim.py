@@ -15,16 +15,6 @@ kernel updates the whole bucket. Parameters that are not bf16 (embeddings, Layer
 runs in fp32) have no master and take the fused AdamW update. ``grad_scale`` (set by
 ``seqcls.trainer.clip_and_update``) divides every gradient in the update, as it does for torch's
 fused AdamW.
-
-``defer=True`` moves the buckets' update out of the step that made the gradients and into the start of
-the next forward (``launch_deferred``): ``step()`` copies the gradients into the buckets' flat gradient
-buffers, counts the step and keeps its step size, learning rate and clipping factor; the next forward
-launches the updates on a side stream, bucket after bucket, and each bucket's first module waits for its
-own bucket alone (``wait_hooks``), so the update of later blocks runs beside the forward of earlier ones.
-Every weight is updated before any module reads it, exactly as without deferral: training is the same
-bit for bit. ``flush()`` applies a pending update at once (before evaluation, saving, or reading the
-weights in any other way). A device flag per bucket gates each deferred update, so an update captured in
-a CUDA graph applies a step's gradients once whatever else ran in between.
 """
 
 from __future__ import annotations
@@ -59,28 +49,6 @@ def _master_update(param: torch.Tensor, master: torch.Tensor, grad: torch.Tensor
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     master.sub_(exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps) * step_size)
-    param.copy_(master)
-
-
-def _gated_update(param: torch.Tensor, master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-                  exp_avg_sq: torch.Tensor, step_size: torch.Tensor, bias_correction2_sqrt: torch.Tensor,
-                  lr: torch.Tensor, grad_scale: torch.Tensor, pending: torch.Tensor, beta1: float, beta2: float,
-                  eps: float, weight_decay: float, decoupled: bool) -> None:
-    """_master_update's operations in the same order, written where ``pending`` (a device bool) holds:
-    a deferred bucket's update, which leaves everything as it was when no step is pending."""
-    g = grad.float() / grad_scale
-    new_master = master
-    if weight_decay:
-        if decoupled:
-            new_master = master.mul(1 - lr * weight_decay)
-        else:
-            g = g + weight_decay * master
-    new_avg = exp_avg.lerp(g, 1 - beta1)
-    new_avg_sq = exp_avg_sq.mul(beta2).addcmul(g, g, value=1 - beta2)
-    new_master = new_master.sub(new_avg / (new_avg_sq.sqrt() / bias_correction2_sqrt + eps) * step_size)
-    exp_avg.copy_(torch.where(pending, new_avg, exp_avg))
-    exp_avg_sq.copy_(torch.where(pending, new_avg_sq, exp_avg_sq))
-    master.copy_(torch.where(pending, new_master, master))
     param.copy_(master)
 
 
@@ -120,16 +88,6 @@ class _FlatBucket:
                         **{key: flat[offset:offset + n].view_as(p) for key, flat in self.flat.items()}}
             offset += n
         self.ptrs = [p.data_ptr() for p in params]
-        self.grad: Optional[torch.Tensor] = None  # deferred update: the step's gradients, end to end
-        self.kept: dict[str, torch.Tensor] = {}  # deferred update: the step's scalars and its flag
-
-    def defer(self) -> None:
-        device = self.weight.device
-        self.grad = torch.zeros_like(self.weight)
-        self.grad_views = [v.view_as(p) for v, p in zip(self.grad.split([p.numel() for p in self.params]), self.params)]
-        self.kept = {key: torch.zeros((), dtype=torch.float32, device=device)
-                     for key in ("step_size", "bias_correction2_sqrt", "lr", "grad_scale")}
-        self.kept["pending"] = torch.zeros((), dtype=torch.bool, device=device)
 
     def relink(self, state) -> None:
         """Put parameters whose tensors were replaced (``p.data = ...``), and any state entry replaced
@@ -170,33 +128,24 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  decoupled_weight_decay: bool = True, capturable: bool = False, compiled: bool = False,
                  masters: Optional[dict[torch.Tensor, torch.Tensor]] = None,
-                 buckets: Optional[list[list[torch.Tensor]]] = None, defer: bool = False):
+                 buckets: Optional[list[list[torch.Tensor]]] = None):
         """``masters``: bf16 parameter -> the fp32 weight it was rounded from (use_bf16_weights returns
         it); a bf16 parameter without one starts its master from its bf16 value. ``buckets``: how the
         bf16 parameters are grouped into flat buffers, one update kernel each (weight_buckets gives
         whole blocks); null: one bucket a parameter group. Only parameters that require a gradient
         should be passed, as for any torch optimizer. ``compiled``: the bucket update compiled into
-        one kernel (needs ``lr`` as a tensor, else every new learning rate would recompile). ``defer``:
-        the buckets' update waits for the next forward (module docstring)."""
+        one kernel (needs ``lr`` as a tensor, else every new learning rate would recompile)."""
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, capturable=capturable)
         self._buckets: list[list[_FlatBucket]] = []  # one list a parameter group (add_param_group)
         self._given = (dict(masters or {}), buckets)
         super().__init__(params, defaults)
         del self._given  # the fp32 weights now live in the flat masters
-        self.defer = defer
-        self._side: Optional[torch.cuda.Stream] = None  # deferred updates on CUDA run here
-        self._events: list = []
-        self._launched = False
-        if defer:
-            for b in self._all_buckets():
-                b.defer()
         # Static shapes: a kernel per bucket size (whole blocks: a few sizes), not a size-generic one.
         self._update, self._scalars = _master_update, _adam_scalars
         if compiled:
             self._update = torch.compile(_master_update, dynamic=False, fullgraph=True)
             self._scalars = torch.compile(_adam_scalars, dynamic=False, fullgraph=True)
-        self._gated = torch.compile(_gated_update, dynamic=False, fullgraph=True) if compiled else _gated_update
 
     def add_param_group(self, param_group: dict) -> None:
         # State from the start (not at the first step): the masters are taken from the fp32 weights now,
@@ -210,9 +159,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         low = [p for p in group["params"] if p.dtype == torch.bfloat16]
         self._buckets.append([_FlatBucket(b, [masters.get(p) for p in b], self.state)
                               for b in _buckets_of(low, buckets)])
-        if getattr(self, "defer", False):
-            for b in self._buckets[-1]:
-                b.defer()
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -266,17 +212,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             return
         torch._foreach_add_(steps, 1)  # one launch counts every tensor's step
         scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=steps[0].device)
-        if self.defer and whole:
-            self.join()  # the previous step's deferred update reads the buffers that this step's fill
-            torch._foreach_copy_([v for b in whole for v in b.grad_views], [p.grad for b in whole for p in b.params])
-            kept, values = [], []
-            for b in whole:
-                scalars = self._scalars(self.state[b.params[0]]["step"], lr, beta1, beta2)
-                kept += [b.kept[k] for k in ("step_size", "bias_correction2_sqrt", "lr", "grad_scale", "pending")]
-                values += [*scalars, torch.as_tensor(lr, dtype=torch.float32, device=scale.device), scale,
-                           self._true(scale.device)]
-            torch._foreach_copy_(kept, values)
-            whole = []
         for b in whole:
             grad = _end_to_end([p.grad for p in b.params])
             scalars = self._scalars(self.state[b.params[0]]["step"], lr, beta1, beta2)
@@ -287,101 +222,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             _master_update(p.view(-1), state["master"].view(-1), p.grad.view(-1), state["exp_avg"].view(-1),
                            state["exp_avg_sq"].view(-1), *_adam_scalars(state["step"], lr, beta1, beta2),
                            lr, scale, beta1, beta2, eps, wd, decoupled)
-
-    # ------------------------------------------------------------------ deferred update
-    def _all_buckets(self) -> list[_FlatBucket]:
-        return [b for buckets in self._buckets for b in buckets]
-
-    def _true(self, device) -> torch.Tensor:
-        if getattr(self, "_true_tensor", None) is None:
-            self._true_tensor = torch.ones((), dtype=torch.bool, device=device)
-        return self._true_tensor
-
-    def launch_deferred(self) -> None:
-        """Apply the pending update of each bucket (one whose step() deferred it; the rest pass through
-        unchanged): on CUDA on a side stream, after what the current stream has queued, with an event a
-        bucket that wait_hooks' hooks wait for; elsewhere at once. Call it before the forward."""
-        if not self.defer:
-            return
-        buckets = [b for b in self._all_buckets() if not b.split]
-        if not buckets:
-            return
-        device = buckets[0].weight.device
-        if device.type != "cuda":
-            self._apply(buckets)
-            return
-        if self._side is None:
-            self._side = torch.cuda.Stream(device)
-        if len(self._events) != len(self._all_buckets()):
-            self._events = [torch.cuda.Event() for _ in self._all_buckets()]
-        current = torch.cuda.current_stream(device)
-        self._side.wait_stream(current)
-        with torch.cuda.stream(self._side):
-            for b, event in zip(self._all_buckets(), self._events):
-                if not b.split:
-                    self._apply([b])
-                event.record()
-        self._launched = True
-
-    def _apply(self, buckets: list[_FlatBucket]) -> None:
-        for group, group_buckets in zip(self.param_groups, self._buckets):
-            beta1, beta2 = group["betas"]
-            for b in buckets:
-                if any(b is x for x in group_buckets):
-                    k = b.kept
-                    self._gated(b.weight, b.flat["master"], b.grad, b.flat["exp_avg"], b.flat["exp_avg_sq"],
-                                k["step_size"], k["bias_correction2_sqrt"], k["lr"], k["grad_scale"], k["pending"],
-                                beta1, beta2, group["eps"], group["weight_decay"], group["decoupled_weight_decay"])
-        torch._foreach_zero_([b.kept["pending"] for b in buckets])
-
-    def wait_bucket(self, index: int) -> None:
-        """The current stream waits for bucket ``index``'s deferred update (launch_deferred)."""
-        if self._launched:
-            torch.cuda.current_stream(self._side.device).wait_event(self._events[index])
-
-    def join(self) -> None:
-        """The current stream waits for every deferred update launched."""
-        if self._launched:
-            torch.cuda.current_stream(self._side.device).wait_stream(self._side)
-            self._launched = False
-
-    def flush(self) -> None:
-        """Apply any pending update now and wait for it: the weights are then the trained ones."""
-        if self.defer:
-            self.launch_deferred()
-            self.join()
-
-    def discard_deferred(self) -> None:
-        """Forget a pending update (after a warm-up whose state was put back)."""
-        if self.defer:
-            self.join()
-            torch._foreach_zero_([b.kept["pending"] for b in self._all_buckets()])
-
-    def wait_hooks(self, model: torch.nn.Module) -> list:
-        """Forward pre-hooks that make each bucket's first module wait for that bucket's deferred update
-        (launch_deferred) before it runs. The first module is the first in ``model.named_modules()`` that
-        holds one of the bucket's parameters, lifted to its outermost compiled ancestor (a compiled block
-        runs its hooks inside its compiled call: there the wait is a graph break at the block's start,
-        not in the middle of its graph). Returns the hook handles."""
-        if not self.defer:
-            return []
-        owner = {id(p): i for i, b in enumerate(self._all_buckets()) for p in b.params}
-        first: dict[int, torch.nn.Module] = {}
-        compiled_above: list[torch.nn.Module] = []
-        for name, module in model.named_modules():
-            while compiled_above and compiled_above[-1][0] and not name.startswith(compiled_above[-1][0] + "."):
-                compiled_above.pop()
-            if getattr(module, "_compiled_call_impl", None) is not None:
-                compiled_above.append((name, module))
-            for p in module.parameters(recurse=False):
-                i = owner.get(id(p))
-                if i is not None and i not in first:
-                    first[i] = compiled_above[0][1] if compiled_above else module
-        handles = []
-        for i, module in first.items():
-            hook = torch.compiler.disable(lambda _module, _args, i=i: self.wait_bucket(i))
-            handles.append(module.register_forward_pre_hook(hook))
-        return handles
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load casts every floating state tensor to its parameter's dtype, which would round
@@ -401,7 +241,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     self.state[p][key] = views[p][key]
                 else:
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
-        self.discard_deferred()
 
     def masters(self) -> dict[torch.Tensor, torch.Tensor]:
         """bf16 parameter -> its fp32 master, for saving the model at full precision."""

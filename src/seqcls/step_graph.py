@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from seqcls.trainer import clip_and_update, launch_deferred
+from seqcls.trainer import clip_and_update
 
 log = logging.getLogger("seqcls")
 
@@ -76,8 +76,6 @@ class StepGraphs:
             graph.replay()
             return loss.clone(), norm.clone()
         loss_total = torch.zeros((), device=self.device)
-        if hasattr(self.optimizer, "flush"):  # a deferred update, applied before the micro-batch graphs
-            self.optimizer.flush()
         for batch in micro_batches:
             entry = self.micro.get(shape_key(batch))
             if entry is None:
@@ -135,8 +133,6 @@ class StepGraphs:
                 for k, v in self.optimizer.state[p].items():
                     if torch.is_tensor(v):
                         v.copy_(saved_state[p][k]) if p in saved_state else v.zero_()
-            if hasattr(self.optimizer, "discard_deferred"):  # the warm-up's deferred update goes too
-                self.optimizer.discard_deferred()
             if self.one_graph:  # the gradients are made and freed inside each step's graph
                 self._drop_grads()
                 self.grads = []
@@ -154,17 +150,11 @@ class StepGraphs:
             torch._foreach_zero_(self.grads)
         return norm
 
-    def _join_deferred(self) -> None:
-        if hasattr(self.optimizer, "join"):
-            self.optimizer.join()
-
     def _drop_grads(self) -> None:
         for p in self.params:
             p.grad = None
 
     def _micro_body(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.one_graph:  # a deferred update (seqcls.optim) runs beside this forward, inside the graph
-            launch_deferred(self.optimizer)
         loss = self.forward_loss(static)
         (loss / self.denom).backward()
         return loss.detach()
@@ -176,7 +166,7 @@ class StepGraphs:
         norm = None
         with torch.random.fork_rng(devices=[self.device]):
             if self.one_graph:  # each warm-up pass starts without gradients, as a step of the graph does
-                self._warm_up(lambda: (self._micro_body(static), self._join_deferred(), self._drop_grads()))
+                self._warm_up(lambda: (self._micro_body(static), self._drop_grads()))
             else:
                 # Warm-up accumulates into the real gradients: zero them after, or put back a partial
                 # accumulation.

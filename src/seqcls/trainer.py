@@ -114,12 +114,6 @@ def clip_and_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Ten
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
-def launch_deferred(optimizer: torch.optim.Optimizer) -> None:
-    """Start the update that ``optimizer`` deferred from the last step (seqcls.optim): before the forward."""
-    if getattr(optimizer, "defer", False):
-        optimizer.launch_deferred()
-
-
 class MetricsLog:
     """metrics.jsonl (one JSON object a line), written by rank 0 only; every row also goes to the
     ``loggers`` (TensorBoard, and W&B or MLflow when chosen: seqcls.loggers), which rank 0 alone holds."""
@@ -257,7 +251,6 @@ class Trainer:
             return loss_total, grad_norm
         denom = self.local_batch_size * self.grad_accum_steps
         loss_total = torch.zeros((), device=self.device)
-        launch_deferred(self.optimizer)
         for i, batch in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch
@@ -273,16 +266,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total, grad_norm
 
-    def sync_weights(self) -> None:
-        """Apply an update the optimizer deferred to the next forward (compile.overlap_update): before
-        anything reads the weights other than the next training step."""
-        if hasattr(self.optimizer, "flush"):
-            self.optimizer.flush()
-
     @torch.no_grad()
     def evaluate(self, loader) -> dict[str, float]:
         """Metrics over every example of the split exactly once (each rank holds a disjoint shard)."""
-        self.sync_weights()
         self.model.eval()
         logits_parts, label_parts = [], []
         loss_sum = torch.zeros((), device=self.device)
@@ -408,7 +394,6 @@ class Trainer:
                     self.validate()
                 if save:
                     self._check_finite(bad_step)
-                    self.sync_weights()
                     self.checkpointer.save(self)
                 if last or self.stop_requested:
                     done = True
@@ -419,7 +404,6 @@ class Trainer:
                 self.epoch += 1
                 self.batches_into_epoch = 0
         bar.close()
-        self.sync_weights()
         return {"steps": self.step, "epochs_completed": self.epoch, "wall_time_s": time.time() - start,
                 "final": self.last_validation, "best": self.best, "stopped_early": self.stop_requested and self.step < self.total_steps}
 
