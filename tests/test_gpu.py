@@ -140,7 +140,8 @@ def test_lora_under_step_graphs_trains_only_adapters_and_head_like_eager(data, t
         assert changed == p.requires_grad, name
 
 
-def test_compiled_master_weight_update_matches_eager_and_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("in_place", [False, True], ids=["end-to-end", "grads-in-place"])
+def test_compiled_master_weight_update_matches_eager_and_replays_in_a_cuda_graph(in_place):
     from seqcls.optim import MasterWeightAdamW, use_bf16_weights
     from seqcls.trainer import clip_and_update
 
@@ -148,7 +149,8 @@ def test_compiled_master_weight_update_matches_eager_and_replays_in_a_cuda_graph
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 8)).cuda()
         opt = MasterWeightAdamW(model.parameters(), lr=torch.tensor(1e-2, device="cuda"), weight_decay=0.1,
-                                capturable=True, compiled=compiled, masters=use_bf16_weights(model))
+                                capturable=True, compiled=compiled, masters=use_bf16_weights(model),
+                                grads_in_place=compiled and in_place)
         return list(model.parameters()), opt
 
     def grads(params, step):

@@ -285,3 +285,31 @@ def test_weight_buckets_are_whole_blocks_joined_up_to_the_size_limit():
     assert [sum(p.numel() for p in b) for b in buckets[:2]] == [2 * block] * 2
     assert [p for b in buckets for p in b] == list(masters)  # every weight once, in the model's order
     assert len(weight_buckets(model, list(masters), max_numel=1)) == 5 + 2  # a block is never cut
+
+
+def test_the_update_reading_gradients_in_place_matches_the_end_to_end_copy():
+    """compile.update_reads_grads: the compiled bucket update with its gradients read where they lie (one
+    kernel, inductor's pointwise concatenation) steps as the update over the gradients copied end to end."""
+    models = [torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.LayerNorm(40), torch.nn.Linear(40, 8))
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [MasterWeightAdamW(m.parameters(), lr=torch.tensor(1e-2), weight_decay=0.1, masters=use_bf16_weights(m),
+                              compiled=in_place, grads_in_place=in_place)
+            for m, in_place in zip(models, (False, True))]
+    assert opts[1]._update_in_place is not None and opts[0]._update_in_place is None
+    start = {p: s["master"].clone() for p, s in opts[1].state.items() if "master" in s}
+    for step in range(3):
+        for model, opt in zip(models, opts):
+            params = list(model.parameters())
+            for p, g in zip(params, bf16_grads(params, step)):
+                p.grad = g * (step + 1)
+            opt.grad_scale = torch.tensor(1.0 + step)  # a clipping factor, as clip_and_update hands it
+            opt.step()
+    assert [len(b.params) for b in opts[1]._buckets[0]] == [4]  # the Linears' weights and biases, one bucket
+    for ref, got in zip(models[0].parameters(), models[1].parameters()):
+        assert ref.dtype == got.dtype
+        for key, value in opts[0].state[ref].items():
+            assert torch.allclose(opts[1].state[got][key], value, rtol=1e-6, atol=1e-8), key
+        if got.dtype == torch.bfloat16:
+            assert torch.equal(got, opts[1].state[got]["master"].to(torch.bfloat16))
+            assert not torch.equal(opts[1].state[got]["master"], start[got])  # it took the steps

@@ -413,6 +413,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         hyper = {k: v for k, v in cfg.optimizer.items() if k not in ("_target_", "_partial_")}
         optimizer = MasterWeightAdamW(params, **{**hyper, **opt_kwargs}, masters=masters, compiled=graphs,
                                       buckets=weight_buckets(model, list(masters)),
+                                      grads_in_place=graphs and cfg.compile.update_reads_grads,
                                       decoupled_weight_decay=cfg.optimizer._target_ == "torch.optim.AdamW")
     else:
         optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)

@@ -52,6 +52,13 @@ def _master_update(param: torch.Tensor, master: torch.Tensor, grad: torch.Tensor
     param.copy_(master)
 
 
+def _master_update_in_place(param: torch.Tensor, master: torch.Tensor, grads: list[torch.Tensor], *args) -> None:
+    """_master_update of a bucket whose gradients are read where autograd left them. Compiled with
+    inductor's pointwise concatenation, the ``torch.cat`` becomes masked loads inside the update kernel
+    (one kernel reading each gradient once) rather than a copy of the gradients end to end first."""
+    _master_update(param, master, torch.cat([g.reshape(-1) for g in grads]), *args)
+
+
 def _end_to_end(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors' values laid end to end in one flat tensor. One multi-tensor copy rather than
     ``torch.cat``, whose kernel took 124 µs for LoRA's ~100 small gradients on an H200 (docs/benchmarks.md)."""
@@ -128,13 +135,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  decoupled_weight_decay: bool = True, capturable: bool = False, compiled: bool = False,
                  masters: Optional[dict[torch.Tensor, torch.Tensor]] = None,
-                 buckets: Optional[list[list[torch.Tensor]]] = None):
+                 buckets: Optional[list[list[torch.Tensor]]] = None, grads_in_place: bool = False):
         """``masters``: bf16 parameter -> the fp32 weight it was rounded from (use_bf16_weights returns
         it); a bf16 parameter without one starts its master from its bf16 value. ``buckets``: how the
         bf16 parameters are grouped into flat buffers, one update kernel each (weight_buckets gives
         whole blocks); null: one bucket a parameter group. Only parameters that require a gradient
         should be passed, as for any torch optimizer. ``compiled``: the bucket update compiled into
-        one kernel (needs ``lr`` as a tensor, else every new learning rate would recompile)."""
+        one kernel (needs ``lr`` as a tensor, else every new learning rate would recompile).
+        ``grads_in_place`` (with ``compiled``): the kernel reads each gradient where it lies instead of a
+        copy of the bucket's gradients end to end (seqcls's compile.update_reads_grads)."""
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, capturable=capturable)
         self._buckets: list[list[_FlatBucket]] = []  # one list a parameter group (add_param_group)
@@ -142,10 +151,13 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         del self._given  # the fp32 weights now live in the flat masters
         # Static shapes: a kernel per bucket size (whole blocks: a few sizes), not a size-generic one.
-        self._update, self._scalars = _master_update, _adam_scalars
+        self._update, self._scalars, self._update_in_place = _master_update, _adam_scalars, None
         if compiled:
             self._update = torch.compile(_master_update, dynamic=False, fullgraph=True)
             self._scalars = torch.compile(_adam_scalars, dynamic=False, fullgraph=True)
+            if grads_in_place:
+                self._update_in_place = torch.compile(_master_update_in_place, dynamic=False, fullgraph=True,
+                                                      options={"force_pointwise_cat": True})
 
     def add_param_group(self, param_group: dict) -> None:
         # State from the start (not at the first step): the masters are taken from the fp32 weights now,
@@ -213,10 +225,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         torch._foreach_add_(steps, 1)  # one launch counts every tensor's step
         scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=steps[0].device)
         for b in whole:
-            grad = _end_to_end([p.grad for p in b.params])
             scalars = self._scalars(self.state[b.params[0]]["step"], lr, beta1, beta2)
-            self._update(b.weight, b.flat["master"], grad, b.flat["exp_avg"], b.flat["exp_avg_sq"], *scalars,
-                         lr, scale, beta1, beta2, eps, wd, decoupled)
+            rest = (b.flat["exp_avg"], b.flat["exp_avg_sq"], *scalars, lr, scale, beta1, beta2, eps, wd, decoupled)
+            if self._update_in_place is not None:
+                self._update_in_place(b.weight, b.flat["master"], [p.grad for p in b.params], *rest)
+            else:
+                self._update(b.weight, b.flat["master"], _end_to_end([p.grad for p in b.params]), *rest)
         for p in parts:
             state = self.state[p]
             _master_update(p.view(-1), state["master"].view(-1), p.grad.view(-1), state["exp_avg"].view(-1),
