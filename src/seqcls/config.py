@@ -355,8 +355,8 @@ class CompileConfig:
     the compiled code multiplies it in (needs Triton on an NVIDIA GPU). auto: triton where the model is
     compiled on an NVIDIA GPU with Triton, else inductor. On an H200 (roberta-large LoRA b256): +3.6%
     samples/s (docs/benchmarks.md). triton_bits: the kernel packs 8 entries a byte and the compiled code
-    unpacks them where it multiplies them in (an eighth of the mask traffic and memory; not yet measured
-    on a GPU, so not the default)."""
+    unpacks them where it multiplies them in (an eighth of the mask traffic and memory: 0.26 GiB less at
+    LoRA b256, but 2.6% slower on an H100, so not the default)."""
     update_reads_grads: Optional[bool] = None
     """With step graphs and bf16_master_weights: each bucket's compiled update reads the gradients where
     autograd left them (inductor's pointwise concatenation: masked loads in the update kernel) instead of
