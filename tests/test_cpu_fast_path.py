@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from seqcls.build import build_trainer, update_reads_grads, use_combo_kernels, use_step_graphs
+from seqcls.build import build_trainer, use_combo_kernels, use_step_graphs
 from seqcls.distributed import DistInfo
 from seqcls.env import keep_freed_memory
 from seqcls.models import RandDropout, from_config, rand_dropout
@@ -99,14 +99,6 @@ def test_combo_kernels_default_to_cuda_only(synthetic_dir, tmp_path, setting, cu
     cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [f"compile.combo_kernels={setting}"])
     assert use_combo_kernels(cfg, torch.device("cuda")) is cuda
     assert use_combo_kernels(cfg, torch.device("cpu")) is cpu
-
-
-@pytest.mark.parametrize("setting,full,lora", [("null", True, False), ("true", True, True), ("false", False, False)])
-def test_the_update_reads_gradients_in_place_by_default_in_full_fine_tuning_only(synthetic_dir, tmp_path, setting,
-                                                                                  full, lora):
-    base = synthetic_overrides(synthetic_dir, tmp_path) + [f"compile.update_reads_grads={setting}"]
-    assert update_reads_grads(compose_cfg(base + ["peft=none"])) is full
-    assert update_reads_grads(compose_cfg(base + ["peft=lora"])) is lora
 
 
 @pytest.mark.parametrize("opt_kind", ["fused-adamw", "fused-adam", "sgd"])

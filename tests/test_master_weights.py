@@ -287,17 +287,30 @@ def test_weight_buckets_are_whole_blocks_joined_up_to_the_size_limit():
     assert len(weight_buckets(model, list(masters), max_numel=1)) == 5 + 2  # a block is never cut
 
 
-def test_the_update_reading_gradients_in_place_matches_the_end_to_end_copy():
+@pytest.mark.parametrize("setting,in_place", [(True, [True, True]), (None, [False, True])])
+def test_the_update_reading_gradients_in_place_matches_the_end_to_end_copy(setting, in_place):
     """compile.update_reads_grads: the compiled bucket update with its gradients read where they lie (one
-    kernel, inductor's pointwise concatenation) steps as the update over the gradients copied end to end."""
-    models = [torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.LayerNorm(40), torch.nn.Linear(40, 8))
-              for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    opts = [MasterWeightAdamW(m.parameters(), lr=torch.tensor(1e-2), weight_decay=0.1, masters=use_bf16_weights(m),
-                              compiled=in_place, grads_in_place=in_place)
-            for m, in_place in zip(models, (False, True))]
-    assert opts[1]._update_in_place is not None and opts[0]._update_in_place is None
-    start = {p: s["master"].clone() for p, s in opts[1].state.items() if "master" in s}
+    kernel, inductor's pointwise concatenation) steps as the update over the gradients copied end to end;
+    null reads them in place only in buckets of at most IN_PLACE_MAX_TENSORS tensors."""
+    from seqcls.optim import IN_PLACE_MAX_TENSORS
+
+    def stack():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(IN_PLACE_MAX_TENSORS // 2 + 3)])
+
+    models = [stack(), stack()]
+    opts = []
+    for model, compiled in zip(models, (False, True)):
+        linears = list(model)
+        big = [p for m in linears[:-2] for p in m.parameters()]  # more tensors than the limit
+        opts.append(MasterWeightAdamW(model.parameters(), lr=torch.tensor(1e-2), weight_decay=0.1,
+                                      masters=use_bf16_weights(model), compiled=compiled,
+                                      grads_in_place=setting if compiled else False,
+                                      buckets=[big, [p for m in linears[-2:] for p in m.parameters()]]))
+    assert [len(b.params) for b in opts[1]._buckets[0]] == [IN_PLACE_MAX_TENSORS + 2, 4]
+    assert [opts[1].reads_grads_in_place(b) for b in opts[1]._buckets[0]] == in_place
+    assert not any(opts[0].reads_grads_in_place(b) for b in opts[0]._buckets[0])
+    start = {p: s["master"].clone() for p, s in opts[1].state.items()}
     for step in range(3):
         for model, opt in zip(models, opts):
             params = list(model.parameters())
@@ -305,11 +318,9 @@ def test_the_update_reading_gradients_in_place_matches_the_end_to_end_copy():
                 p.grad = g * (step + 1)
             opt.grad_scale = torch.tensor(1.0 + step)  # a clipping factor, as clip_and_update hands it
             opt.step()
-    assert [len(b.params) for b in opts[1]._buckets[0]] == [4]  # the Linears' weights and biases, one bucket
     for ref, got in zip(models[0].parameters(), models[1].parameters()):
-        assert ref.dtype == got.dtype
+        assert got.dtype == torch.bfloat16
         for key, value in opts[0].state[ref].items():
             assert torch.allclose(opts[1].state[got][key], value, rtol=1e-6, atol=1e-8), key
-        if got.dtype == torch.bfloat16:
-            assert torch.equal(got, opts[1].state[got]["master"].to(torch.bfloat16))
-            assert not torch.equal(opts[1].state[got]["master"], start[got])  # it took the steps
+        assert torch.equal(got, opts[1].state[got]["master"].to(torch.bfloat16))
+        assert not torch.equal(opts[1].state[got]["master"], start[got])  # it took the steps

@@ -182,13 +182,6 @@ def use_combo_kernels(cfg: DictConfig, device: torch.device) -> bool:
     return _cuda_default(cfg.compile.combo_kernels, device)
 
 
-def update_reads_grads(cfg: DictConfig) -> bool:
-    """compile.update_reads_grads; null: on in full fine-tuning (a bucket is two blocks' ~30 tensors), off
-    under LoRA (one bucket of ~100 small adapter tensors, where it ran 0.25% slower on an H100)."""
-    setting = cfg.compile.update_reads_grads
-    return not cfg.peft.enabled if setting is None else bool(setting)
-
-
 def use_triton_masks(cfg: DictConfig, device: torch.device, compiled: bool) -> bool:
     """compile.dropout_masks: whether the dropout masks come from seqcls's Triton kernel. auto: where the
     model is compiled on an NVIDIA GPU with Triton; asked for where Triton cannot run: ConfigError."""
@@ -420,7 +413,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         hyper = {k: v for k, v in cfg.optimizer.items() if k not in ("_target_", "_partial_")}
         optimizer = MasterWeightAdamW(params, **{**hyper, **opt_kwargs}, masters=masters, compiled=graphs,
                                       buckets=weight_buckets(model, list(masters)),
-                                      grads_in_place=graphs and update_reads_grads(cfg),
+                                      grads_in_place=cfg.compile.update_reads_grads if graphs else False,
                                       decoupled_weight_decay=cfg.optimizer._target_ == "torch.optim.AdamW")
     else:
         optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)

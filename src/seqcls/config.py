@@ -359,10 +359,11 @@ class CompileConfig:
     LoRA b256, but 2.6% slower on an H100, so not the default)."""
     update_reads_grads: Optional[bool] = None
     """With step graphs and bf16_master_weights: each bucket's compiled update reads the gradients where
-    autograd left them (inductor's pointwise concatenation: masked loads in the update kernel) instead of
-    copying them end to end first. The same arithmetic, one pass over the gradients less. null: on in full
-    fine-tuning, off under LoRA. On an H100 (roberta-large b32): full FT +1.3% (2,116 against 2,089
-    samples/s, two same-machine pairs), LoRA -0.25% (its one bucket of ~100 small adapter tensors)
+    autograd left them (inductor's pointwise concatenation: a masked load per tensor in the update kernel)
+    instead of copying them end to end first. The same arithmetic, one pass over the gradients less.
+    null: in buckets of at most 32 tensors (roberta-large's full fine-tuning buckets, two blocks each),
+    not in larger ones (LoRA's one bucket of ~100 small adapter tensors). On an H100 (roberta-large b32):
+    full FT +1.3% (2,116 against 2,089 samples/s, two same-machine pairs), LoRA -0.25% when on
     (docs/benchmarks.md)."""
     inductor_options: dict[str, Any] = field(default_factory=dict)
     """Inductor settings for the compiled model or blocks, on top of compile.mode's and combo_kernels

@@ -52,6 +52,13 @@ def _master_update(param: torch.Tensor, master: torch.Tensor, grad: torch.Tensor
     param.copy_(master)
 
 
+IN_PLACE_MAX_TENSORS = 32
+"""MasterWeightAdamW(grads_in_place=None) reads the gradients of buckets of at most this many tensors in
+place. Each tensor adds a masked load to every element of the update kernel: on an H100 roberta-large's
+full fine-tuning buckets (two blocks, 32 tensors) ran +1.3% a step that way, LoRA's one bucket of ~100
+small adapter tensors -0.25% (docs/benchmarks.md)."""
+
+
 def _master_update_in_place(param: torch.Tensor, master: torch.Tensor, grads: list[torch.Tensor], *args) -> None:
     """_master_update of a bucket whose gradients are read where autograd left them. Compiled with
     inductor's pointwise concatenation, the ``torch.cat`` becomes masked loads inside the update kernel
@@ -135,7 +142,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  decoupled_weight_decay: bool = True, capturable: bool = False, compiled: bool = False,
                  masters: Optional[dict[torch.Tensor, torch.Tensor]] = None,
-                 buckets: Optional[list[list[torch.Tensor]]] = None, grads_in_place: bool = False):
+                 buckets: Optional[list[list[torch.Tensor]]] = None, grads_in_place: Optional[bool] = False):
         """``masters``: bf16 parameter -> the fp32 weight it was rounded from (use_bf16_weights returns
         it); a bf16 parameter without one starts its master from its bf16 value. ``buckets``: how the
         bf16 parameters are grouped into flat buffers, one update kernel each (weight_buckets gives
@@ -143,7 +150,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         should be passed, as for any torch optimizer. ``compiled``: the bucket update compiled into
         one kernel (needs ``lr`` as a tensor, else every new learning rate would recompile).
         ``grads_in_place`` (with ``compiled``): the kernel reads each gradient where it lies instead of a
-        copy of the bucket's gradients end to end (seqcls's compile.update_reads_grads)."""
+        copy of the bucket's gradients end to end (seqcls's compile.update_reads_grads); None: in buckets
+        of at most IN_PLACE_MAX_TENSORS tensors."""
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, capturable=capturable)
         self._buckets: list[list[_FlatBucket]] = []  # one list a parameter group (add_param_group)
@@ -152,10 +160,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         del self._given  # the fp32 weights now live in the flat masters
         # Static shapes: a kernel per bucket size (whole blocks: a few sizes), not a size-generic one.
         self._update, self._scalars, self._update_in_place = _master_update, _adam_scalars, None
+        self._in_place_all = grads_in_place is True
         if compiled:
             self._update = torch.compile(_master_update, dynamic=False, fullgraph=True)
             self._scalars = torch.compile(_adam_scalars, dynamic=False, fullgraph=True)
-            if grads_in_place:
+            if grads_in_place is not False:
                 self._update_in_place = torch.compile(_master_update_in_place, dynamic=False, fullgraph=True,
                                                       options={"force_pointwise_cat": True})
 
@@ -227,7 +236,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for b in whole:
             scalars = self._scalars(self.state[b.params[0]]["step"], lr, beta1, beta2)
             rest = (b.flat["exp_avg"], b.flat["exp_avg_sq"], *scalars, lr, scale, beta1, beta2, eps, wd, decoupled)
-            if self._update_in_place is not None:
+            if self.reads_grads_in_place(b):
                 self._update_in_place(b.weight, b.flat["master"], [p.grad for p in b.params], *rest)
             else:
                 self._update(b.weight, b.flat["master"], _end_to_end([p.grad for p in b.params]), *rest)
@@ -236,6 +245,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             _master_update(p.view(-1), state["master"].view(-1), p.grad.view(-1), state["exp_avg"].view(-1),
                            state["exp_avg_sq"].view(-1), *_adam_scalars(state["step"], lr, beta1, beta2),
                            lr, scale, beta1, beta2, eps, wd, decoupled)
+
+    def reads_grads_in_place(self, bucket: _FlatBucket) -> bool:
+        """Whether the bucket's update reads its gradients where they lie (else from a copy end to end)."""
+        return self._update_in_place is not None and (self._in_place_all or len(bucket.params) <= IN_PLACE_MAX_TENSORS)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load casts every floating state tensor to its parameter's dtype, which would round
