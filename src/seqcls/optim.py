@@ -10,8 +10,8 @@ weight in the same kernel. The forward and backward see exactly what autocast ga
 bf16 rounding of the fp32 weight), so training is the same up to the order of float operations.
 
 The bf16 parameters are grouped into buckets (whole transformer blocks, weight_buckets) whose
-weights, masters and moments lie in flat buffers: a bucket's gradients are copied end to end and one
-kernel updates the whole bucket. Parameters that are not bf16 (embeddings, LayerNorms that autocast
+weights, masters and moments lie in flat buffers, and one kernel updates the whole bucket, reading its
+gradients where autograd left them (buckets of a few dozen tensors) or from a copy of them end to end. Parameters that are not bf16 (embeddings, LayerNorms that autocast
 runs in fp32) have no master and take the fused AdamW update. ``grad_scale`` (set by
 ``seqcls.trainer.clip_and_update``) divides every gradient in the update, as it does for torch's
 fused AdamW.
