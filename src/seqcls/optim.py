@@ -11,14 +11,16 @@ bf16 rounding of the fp32 weight), so training is the same up to the order of fl
 
 The bf16 parameters are grouped into buckets (whole transformer blocks, weight_buckets) whose
 weights, masters and moments lie in flat buffers, and one kernel updates the whole bucket, reading its
-gradients where autograd left them (buckets of a few dozen tensors) or from a copy of them end to end. Parameters that are not bf16 (embeddings, LayerNorms that autocast
-runs in fp32) have no master and take the fused AdamW update. ``grad_scale`` (set by
+gradients where autograd left them (buckets of a few dozen tensors) or from a copy of them end to end.
+Parameters that are not bf16 (embeddings, LayerNorms that autocast runs in fp32) have no master and take
+the fused AdamW update. ``grad_scale`` (set by
 ``seqcls.trainer.clip_and_update``) divides every gradient in the update, as it does for torch's
 fused AdamW.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -160,11 +162,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         del self._given  # the fp32 weights now live in the flat masters
         # Static shapes: a kernel per bucket size (whole blocks: a few sizes), not a size-generic one.
         self._update, self._scalars, self._update_in_place = _master_update, _adam_scalars, None
-        self._in_place_all = grads_in_place is True
+        # The most tensors a bucket may hold and still have its gradients read in place.
+        self._in_place_max = {True: math.inf, None: IN_PLACE_MAX_TENSORS, False: 0}[grads_in_place] if compiled else 0
         if compiled:
             self._update = torch.compile(_master_update, dynamic=False, fullgraph=True)
             self._scalars = torch.compile(_adam_scalars, dynamic=False, fullgraph=True)
-            if grads_in_place is not False:
+            if self._in_place_max:
                 self._update_in_place = torch.compile(_master_update_in_place, dynamic=False, fullgraph=True,
                                                       options={"force_pointwise_cat": True})
 
@@ -248,7 +251,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def reads_grads_in_place(self, bucket: _FlatBucket) -> bool:
         """Whether the bucket's update reads its gradients where they lie (else from a copy end to end)."""
-        return self._update_in_place is not None and (self._in_place_all or len(bucket.params) <= IN_PLACE_MAX_TENSORS)
+        return len(bucket.params) <= self._in_place_max
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load casts every floating state tensor to its parameter's dtype, which would round
