@@ -4,8 +4,9 @@
     PYTHONPATH=src python scripts/bench_mlp.py --tokens 1700 --weight-grads  # full fine-tune at b32
 
 The question it answers: would a GEMM with GELU in its epilogue (inductor's Triton templates under
-`max_autotune_gemm`; `triton` leaves cuBLAS out of the choice) beat cuBLAS followed by a separate
-GELU kernel? Each variant runs forward and
+`max_autotune_gemm`; `triton` leaves cuBLAS out of the choice; `tma` and `tma_triton` add Hopper's
+persistent TMA templates and benchmark each fused epilogue against the unfused kernels) beat cuBLAS
+followed by a separate GELU kernel? Each variant runs forward and
 backward (the input's gradient, as under LoRA's frozen base; `--weight-grads` adds the weights'
 gradients, as in full fine-tuning) in bf16, captured as one CUDA graph and replayed, so launch
 overhead is off the table. The first call of each variant (compilation, autotuning, warm-up) is
@@ -28,7 +29,7 @@ def main() -> None:
     p.add_argument("--weight-grads", action="store_true", help="also compute the weights' gradients")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--variants", nargs="+", default=["default", "autotune", "dynamic", "triton"],
-                   help="what to time beside eager: default autotune dynamic triton")
+                   help="what to time beside eager: default autotune dynamic triton tma tma_triton")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_mlp.py times CUDA graphs: run it on a machine with a CUDA GPU")
@@ -57,6 +58,9 @@ def main() -> None:
         return ms, first, [o.clone() for o in out]
 
     autotune = {"max_autotune_gemm": True}
+    # Hopper's persistent GEMM templates (TMA loads, one program per SM walking output tiles), with the
+    # fused epilogue benchmarked against the unfused kernels
+    tma = {"triton.enable_persistent_tma_matmul": True, "benchmark_epilogue_fusion": True}
     variants = {
         "eager": ("eager (cuBLAS + GELU kernels)", mlp),
         "default": ("compiled, default", torch.compile(mlp, dynamic=False)),
@@ -64,6 +68,10 @@ def main() -> None:
         "dynamic": ("compiled dynamic, max_autotune_gemm", torch.compile(mlp, dynamic=True, options=autotune)),
         "triton": ("compiled, Triton GEMMs only", torch.compile(
             mlp, dynamic=False, options={**autotune, "max_autotune_gemm_backends": "TRITON"})),
+        "tma": ("compiled, max_autotune_gemm + persistent TMA templates", torch.compile(
+            mlp, dynamic=False, options={**autotune, **tma})),
+        "tma_triton": ("compiled, Triton GEMMs only, persistent TMA templates", torch.compile(
+            mlp, dynamic=False, options={**autotune, **tma, "max_autotune_gemm_backends": "TRITON"})),
     }
     unknown = set(args.variants) - set(variants)
     if unknown:
