@@ -64,6 +64,8 @@ def main():
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--tune-short", action="store_true",
                     help="time the short-sequence kernel's (query block, warps) choices per key tile instead of the table")
+    ap.add_argument("--one-block", action="store_true",
+                    help="time the short-sequence kernel's backward with and without its one-block path instead of the table")
     ap.add_argument("--check-dropout", action="store_true",
                     help="check the varlen kernels' attention dropout and time them, instead of the table")
     ap.add_argument("--data-dir", default=None, help="GLUE MRPC TSV folder (default ../shared/data/mrpc)")
@@ -88,6 +90,8 @@ def main():
         return check_dropout(args, lengths)
     if args.tune_short:
         return tune_short(args, lengths)
+    if args.one_block:
+        return one_block(args, lengths)
 
     def variants(lens: list[int], p: float) -> dict:
         B, T = len(lens), sum(lens)
@@ -197,6 +201,52 @@ def _short_kernel():
     return _ShortAdapter
 
 
+def _first_random_batch(args, lengths: list[int], batch: int):
+    """The lengths of the sampler's first random batch of ``batch`` examples, their packed boundaries, and
+    random bf16 (tokens, 3 * heads * dim) projections and (tokens, heads, dim) output gradients."""
+    import torch
+    import torch.nn.functional as F
+    from seqcls.data import GlobalBatchSampler
+
+    H, D, dev = args.heads, args.head_dim, torch.device("cuda")
+    sampler = GlobalBatchSampler(lengths, local_batch_size=batch, grad_accum_steps=1, group_by_length=False)
+    lens = [lengths[i] for i in next(iter(sampler))]
+    cu = F.pad(torch.tensor(lens, device=dev).cumsum(0), (1, 0)).to(torch.int32)
+    qkv = torch.randn(sum(lens), 3 * H * D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    return lens, cu, qkv, torch.randn(sum(lens), H, D, device=dev, dtype=torch.bfloat16)
+
+
+def one_block(args, lengths: list[int]) -> None:
+    """seqcls.short_attention's backward with and without its one-block path (BWD_ONE_BLOCK), forward +
+    backward of one layer on each --batch's first random batch, three times in turn; first whether both
+    give the same gradients for one dropout seed."""
+    import torch
+    from seqcls import short_attention as sa
+
+    D, p = args.head_dim, args.dropout
+    for batch in (int(b) for b in args.batch.split(",")):
+        lens, cu, qkv, grad = _first_random_batch(args, lengths, batch)
+
+        def both():
+            out = sa.short_self_attention(qkv, D, cu, max(lens), dropout=p, scale=D ** -0.5)
+            return torch.autograd.grad(out, qkv, grad)
+
+        same = []
+        for flag in (False, True):  # the gradients of both paths, for the same dropout seed
+            sa.BWD_ONE_BLOCK = flag
+            torch.cuda.manual_seed(0)
+            same.append(both()[0])
+        print(f"batch {batch}: the two paths' gradients are {'equal' if torch.equal(*same) else 'DIFFERENT'} "
+              f"(max abs difference {(same[0].float() - same[1].float()).abs().max().item():.3g})")
+        times = {False: [], True: []}
+        for _ in range(3):
+            for flag in times:
+                sa.BWD_ONE_BLOCK = flag
+                times[flag].append(cuda_graph_ms(both, args.reps)[0])
+        print(f"batch {batch}, dropout {p}: ms fwd+bwd a layer, loop " + ", ".join(f"{t:.3f}" for t in times[False])
+              + "; one block " + ", ".join(f"{t:.3f}" for t in times[True]))
+
+
 def tune_short(args, lengths: list[int]) -> None:
     """Per key tile, seqcls.short_attention's forward choices (query block, warps, pipeline stages) timed on
     the forward alone, then its backward choices timed forward + backward (fused q/k/v gradient), on the
@@ -204,23 +254,17 @@ def tune_short(args, lengths: list[int]) -> None:
     before the next is tried. Prints the choices to put in _FWD_CONFIG and _BWD_CONFIG, and the time with
     Philox's 7 rounds against its 10."""
     import torch
-    import torch.nn.functional as F
     from seqcls import short_attention as sa
-    from seqcls.data import GlobalBatchSampler
 
     if not sa.available():
         sys.exit("--tune-short needs Triton")
-    H, D, dev, p = args.heads, args.head_dim, torch.device("cuda"), args.dropout
+    D, p = args.head_dim, args.dropout
     shapes = {32: [(32, 1), (32, 2), (32, 4), (16, 1)], 64: [(64, 2), (64, 4), (64, 8), (32, 2), (32, 4), (16, 2)],
               128: [(32, 2), (32, 4), (64, 4), (64, 8), (128, 8)], 256: [(16, 4), (32, 4), (32, 8), (64, 8)]}
     choices = {tile: [(b, w, s) for b, w in bw for s in (1, 2, 3)] for tile, bw in shapes.items()}
     for batch in (int(b) for b in args.batch.split(",")):
-        sampler = GlobalBatchSampler(lengths, local_batch_size=batch, grad_accum_steps=1, group_by_length=False)
-        lens = [lengths[i] for i in next(iter(sampler))]
-        cu = F.pad(torch.tensor(lens, device=dev).cumsum(0), (1, 0)).to(torch.int32)
-        T, L = sum(lens), max(lens)
-        qkv = torch.randn(T, 3 * H * D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        grad = torch.randn(T, H, D, device=dev, dtype=torch.bfloat16)
+        lens, cu, qkv, grad = _first_random_batch(args, lengths, batch)
+        L = max(lens)
 
         def both():
             out = sa.short_self_attention(qkv, D, cu, L, dropout=p, scale=D ** -0.5)

@@ -123,6 +123,62 @@ def dropout() -> dict:
             "same_seed_same_output": torch.equal(out, again), "other_seed_same_output": torch.equal(out, other)}
 
 
+def one_block() -> dict:
+    """The backward's one-block path (short_attention.BWD_ONE_BLOCK) against the loop over query blocks,
+    with and without dropout, fused and not: the same gradients bit for bit, and which launches took it
+    (the key tiles of 32 and 64 rows, whose query block covers the tile, under self-attention only)."""
+    import seqcls.short_attention as sa
+    torch.manual_seed(0)
+    heads, dim = 2, 16
+    lens = [5, 33, 1, 70, 17, 64, 40]
+    cu, tokens = packed(lens)
+    qkv = torch.randn(tokens, 3 * heads * dim).half()
+    grad = torch.randn(tokens, heads, dim).half()
+    launches, kernel = [], sa._bwd_kernel
+
+    class Recorder:  # records each backward launch's key tile and path
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((kw["BN"], kw["ONE_BLOCK"]))
+                return kernel[grid](*args, **kw)
+            return launch
+
+    def grads(one, p, fused):
+        sa.BWD_ONE_BLOCK = one
+        torch.manual_seed(3)  # the dropout seed is drawn on the device from torch's generator
+        if fused:
+            x = qkv.clone().requires_grad_()
+            sa.short_self_attention(x, dim, cu, 128, dropout=p, scale=dim ** -0.5).backward(grad)
+            return x.grad
+        parts = [t.reshape(tokens, heads, dim).contiguous().requires_grad_() for t in qkv.chunk(3, dim=-1)]
+        sa.short_attention(*parts, cu, cu, 128, dropout=p, scale=dim ** -0.5).backward(grad)
+        return torch.cat([t.grad.reshape(tokens, -1) for t in parts], dim=-1)
+
+    out = {"same": {}, "paths": {}}
+    sa._bwd_kernel = Recorder()
+    try:
+        for p in (0.0, 0.2):
+            for fused in (True, False):
+                name = f"p{p}_{'fused' if fused else 'parts'}"
+                loop = grads(False, p, fused)
+                launches.clear()
+                one = grads(True, p, fused)
+                out["paths"][name] = sorted(set(launches))
+                out["same"][name] = torch.equal(loop, one)
+                out["nonzero_" + name] = bool(one.abs().sum() > 0)
+        # queries apart from the keys (the first-token layer): the loop, whatever the setting
+        cu_q = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7], dtype=torch.int32)
+        first = qkv[cu[:-1].long(), : heads * dim].reshape(len(lens), heads, dim).contiguous().requires_grad_()
+        k, v = (t.reshape(tokens, heads, dim).contiguous() for t in qkv[:, heads * dim:].chunk(2, dim=-1))
+        launches.clear()
+        sa.BWD_ONE_BLOCK = True
+        sa.short_attention(first, k, v, cu_q, cu, 128, dropout=0.0, scale=dim ** -0.5).backward(grad[: len(lens)])
+        out["paths"]["cross"] = sorted(set(launches))
+    finally:
+        sa._bwd_kernel, sa.BWD_ONE_BLOCK = kernel, False
+    return out
+
+
 def opcheck() -> dict:
     """torch.library.opcheck of both ops without dropout (schema, fake implementations against the
     kernels' outputs, autograd registration, tracing by AOTAutograd): a list of failures, empty if none."""
@@ -248,4 +304,4 @@ def mask_bits() -> dict:
 
 if __name__ == "__main__":
     print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck, "masks": masks,
-                      "mask_bits": mask_bits}[sys.argv[1]]()))
+                      "mask_bits": mask_bits, "one_block": one_block}[sys.argv[1]]()))

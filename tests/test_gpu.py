@@ -238,6 +238,30 @@ def test_varlen_attention_kernels_match_the_reference_forward_and_backward(kerne
     torch.testing.assert_close(qkv_grads[0], qkv_grads[1], rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_short_attention_one_block_backward_gives_the_loops_gradients(dropout):
+    """seqcls.short_attention.BWD_ONE_BLOCK (the 32- and 64-row key tiles' backward without a loop or
+    accumulators) compiled for the GPU: the fused projection's gradient equal to the loop's, bit for bit."""
+    import seqcls.short_attention as sa
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    cu = torch.tensor([0, 37, 38, 101, 128, 131, 242], dtype=torch.int32, device=dev)  # tiles 64, 32, 64, 32, 32, 128
+    qkv = torch.randn(242, 3 * 16 * 64, device=dev, dtype=torch.bfloat16)
+    grad = torch.randn(242, 16, 64, device=dev, dtype=torch.bfloat16)
+    grads = []
+    try:
+        for one in (False, True):
+            sa.BWD_ONE_BLOCK = one
+            torch.cuda.manual_seed(0)  # the same dropout seed for both
+            x = qkv.clone().requires_grad_()
+            sa.short_self_attention(x, 64, cu, 111, dropout=dropout, scale=0.125).backward(grad)
+            grads.append(x.grad)
+    finally:
+        sa.BWD_ONE_BLOCK = False
+    assert grads[0].abs().sum() > 0
+    assert torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("kernel", ["flash", "efficient", "short"])
 def test_varlen_attention_dropout_backward_replays_the_forward_mask_in_cuda_graphs(kernel):
     """With value rows one-hot (v[j] = e_j within a sequence) the output is the dropped-out attention

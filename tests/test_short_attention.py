@@ -50,6 +50,16 @@ def test_dropout_mask_is_replayed_by_the_backward_and_independent_across_heads_a
     assert r["same_seed_same_output"] and not r["other_seed_same_output"], r
 
 
+def test_the_one_block_backward_gives_the_loops_gradients_where_a_query_block_covers_the_tile():
+    r = run_case("one_block")
+    assert all(r["same"].values()) and len(r["same"]) == 4, r
+    assert all(v for k, v in r.items() if k.startswith("nonzero_")), r
+    # default configuration: query blocks of 32 and 64 for the 32- and 64-row tiles, 32 for the 128-row one
+    for name, paths in r["paths"].items():
+        expected = [[32, name != "cross"], [64, name != "cross"], [128, False]]
+        assert paths == expected, (name, paths)
+
+
 def test_the_custom_ops_fake_implementations_and_autograd_pass_torch_opcheck():
     assert run_case("opcheck")["failures"] == []
 

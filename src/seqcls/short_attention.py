@@ -23,7 +23,6 @@ as training has them, and its backward writes that tensor's gradient whole.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
@@ -43,6 +42,10 @@ SEED_BOUND = 2**62  # the dropout seeds' range (Philox's key is 64 bits)
 # Tuned on an H200 on MRPC's random b256 batches (roberta-large's heads, dropout 0.1; docs/benchmarks.md).
 _FWD_CONFIG = {32: (32, 2, 3), 64: (64, 4, 3), 128: (32, 4, 2), 256: (32, 8, 3)}
 _BWD_CONFIG = {32: (32, 2, 1), 64: (64, 4, 2), 128: (32, 4, 2), 256: (32, 8, 3)}
+BWD_ONE_BLOCK = False
+"""Self-attention backward in one query block where it covers the key tile, each gradient stored as
+soon as it is computed (_bwd_one_block); off: the loop over query blocks with accumulators. Not yet
+measured on a GPU, so off by default; the values are the same either way (tested)."""
 
 
 def available() -> bool:
@@ -128,13 +131,49 @@ if triton is not None:
                 _store_rows(o_ptr, qstart + m, so, h, D, q_in, tl.dot(p.to(v.dtype), v))
 
     @triton.jit
+    def _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
+                       sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep, seq, h,
+                       kstart, length, LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+                       DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
+        """_bwd_kernel's work where one block of BM >= BN query rows holds all of a sequence's queries
+        (self-attention): no loop and no key/value gradient accumulators; each gradient is stored as soon
+        as it is computed, so fewer tiles are live at once. The same operations, so the same values."""
+        if (length > LO) & (length <= BN):
+            qstart, queries = _span(cuq_ptr, seq)
+            n = tl.arange(0, BN)
+            key_in = n < length
+            m = tl.arange(0, BM)
+            q_in = m < queries
+            q = _load_rows(q_ptr, qstart + m, sq, h, D, q_in)
+            k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
+            g = _load_rows(g_ptr, qstart + m, sg, h, D, q_in)
+            lse = tl.load(lse_ptr + (qstart + m) * H + h, mask=q_in, other=float("inf"))
+            p = tl.exp2(_scores(q, k, key_in, scale_log2) - lse[:, None])
+            if DROPOUT:
+                keep = _keep(tl.load(seed_ptr), seq, h, H, 0, threshold, BM, BN, OFFSETS, ROUNDS)
+                pd = tl.where(keep, p * inv_keep, 0.0)
+            else:
+                pd = p
+            _store_rows(dv_ptr, kstart + n, sdv, h, D, key_in, tl.dot(tl.trans(pd.to(g.dtype)), g))
+            dp = tl.dot(g, tl.trans(_load_rows(v_ptr, kstart + n, sv, h, D, key_in)))
+            if DROPOUT:
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = (p * (dp - tl.sum(p * dp, 1)[:, None])).to(q.dtype)
+            _store_rows(dq_ptr, qstart + m, sdq, h, D, q_in, tl.dot(ds, k) * scale)
+            _store_rows(dk_ptr, kstart + n, sdk, h, D, key_in, tl.dot(tl.trans(ds), q) * scale)
+
+    @triton.jit
     def _bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
                     sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep,
                     LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
+                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr, ONE_BLOCK: tl.constexpr):
         seq, h = tl.program_id(0), tl.program_id(1)
         kstart, length = _span(cuk_ptr, seq)
-        if (length > LO) & (length <= BN):
+        if ONE_BLOCK:
+            _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
+                           sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep, seq, h,
+                           kstart, length, LO, BN, BM, D, DROPOUT, OFFSETS, ROUNDS)
+        elif (length > LO) & (length <= BN):
             qstart, queries = _span(cuq_ptr, seq)
             n = tl.arange(0, BN)
             key_in = n < length
@@ -234,6 +273,9 @@ def _attention_bwd(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, v
         out = torch.empty(query.numel() + 2 * key.numel(), dtype=query.dtype, device=query.device)
     dq, dk, dv = _grad_views(out, query, key, fused)
     threshold, inv_keep = _dropout_args(dropout)
+    # self-attention (each sequence's queries are its keys) can take the one-block path where a query
+    # block covers the key tile
+    one_block = BWD_ONE_BLOCK and cu_q.data_ptr() == cu_k.data_ptr()
     for low, tile in _launches(max_len):
         block, warps, stages = _BWD_CONFIG[tile]
         _bwd_kernel[(cu_k.numel() - 1, heads)](
@@ -241,7 +283,7 @@ def _attention_bwd(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, v
             query.stride(0), key.stride(0), value.stride(0), grad.stride(0), dq.stride(0), dk.stride(0), dv.stride(0),
             heads, scale, scale * 1.4426950408889634, threshold, inv_keep,
             LO=low, BN=tile, BM=block, D=dim, DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM,
-            ROUNDS=_PHILOX_ROUNDS, num_warps=warps, num_stages=stages)
+            ROUNDS=_PHILOX_ROUNDS, ONE_BLOCK=one_block and block >= tile, num_warps=warps, num_stages=stages)
     return out
 
 
