@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 from seqcls.config import ConfigError
 from tests.conftest import REPO, compose_cfg

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from seqcls.train import cli
-from tests.conftest import SHARED_DATA, TINY, write_synthetic
+from tests.conftest import TINY, write_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from seqcls.config import ConfigError
-from seqcls.distributed import DistInfo, barrier, broadcast_object
+from seqcls.distributed import DistInfo, barrier
 
 log = logging.getLogger("seqcls")
 # DCP says so on every save/load in one process, where that is the intent.
