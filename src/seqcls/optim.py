@@ -239,10 +239,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for b in whole:
             scalars = self._scalars(self.state[b.params[0]]["step"], lr, beta1, beta2)
             rest = (b.flat["exp_avg"], b.flat["exp_avg_sq"], *scalars, lr, scale, beta1, beta2, eps, wd, decoupled)
+            grads = [p.grad for p in b.params]
             if self.reads_grads_in_place(b):
-                self._update_in_place(b.weight, b.flat["master"], [p.grad for p in b.params], *rest)
+                self._update_in_place(b.weight, b.flat["master"], grads, *rest)
             else:
-                self._update(b.weight, b.flat["master"], _end_to_end([p.grad for p in b.params]), *rest)
+                self._update(b.weight, b.flat["master"], _end_to_end(grads), *rest)
         for p in parts:
             state = self.state[p]
             _master_update(p.view(-1), state["master"].view(-1), p.grad.view(-1), state["exp_avg"].view(-1),
