@@ -217,34 +217,54 @@ def _first_random_batch(args, lengths: list[int], batch: int):
 
 
 def one_block(args, lengths: list[int]) -> None:
-    """seqcls.short_attention's backward with and without its one-block path (BWD_ONE_BLOCK), forward +
-    backward of one layer on each --batch's first random batch, three times in turn; first whether both
-    give the same gradients for one dropout seed."""
+    """seqcls.short_attention's backward with and without its one-block path (BWD_ONE_BLOCK), and the
+    one-block path with other (query block, warps) per key tile (a 128-row query block takes the 128-row
+    tile in one block too): forward + backward of one layer on each --batch's first random batch, each
+    variant three times in turn; first whether each gives the loop's gradients for one dropout seed."""
     import torch
     from seqcls import short_attention as sa
 
     D, p = args.head_dim, args.dropout
-    for batch in (int(b) for b in args.batch.split(",")):
-        lens, cu, qkv, grad = _first_random_batch(args, lengths, batch)
+    default = dict(sa._BWD_CONFIG)
+    variants = {"loop": (False, {}), "one block": (True, {}),
+                "one block, 64-tile 2 warps": (True, {64: (64, 2, 1)}),
+                "one block, 64-tile 8 warps": (True, {64: (64, 8, 1)}),
+                "one block + 128-tile 4 warps": (True, {128: (128, 4, 1)}),
+                "one block + 128-tile 8 warps": (True, {128: (128, 8, 1)})}
 
-        def both():
-            out = sa.short_self_attention(qkv, D, cu, max(lens), dropout=p, scale=D ** -0.5)
-            return torch.autograd.grad(out, qkv, grad)
+    def use(name):
+        flag, config = variants[name]
+        sa.BWD_ONE_BLOCK = flag
+        sa._BWD_CONFIG.clear()
+        sa._BWD_CONFIG.update({**default, **config})
 
-        same = []
-        for flag in (False, True):  # the gradients of both paths, for the same dropout seed
-            sa.BWD_ONE_BLOCK = flag
-            torch.cuda.manual_seed(0)
-            same.append(both()[0])
-        print(f"batch {batch}: the two paths' gradients are {'equal' if torch.equal(*same) else 'DIFFERENT'} "
-              f"(max abs difference {(same[0].float() - same[1].float()).abs().max().item():.3g})")
-        times = {False: [], True: []}
-        for _ in range(3):
-            for flag in times:
-                sa.BWD_ONE_BLOCK = flag
-                times[flag].append(cuda_graph_ms(both, args.reps)[0])
-        print(f"batch {batch}, dropout {p}: ms fwd+bwd a layer, loop " + ", ".join(f"{t:.3f}" for t in times[False])
-              + "; one block " + ", ".join(f"{t:.3f}" for t in times[True]))
+    try:
+        for batch in (int(b) for b in args.batch.split(",")):
+            lens, cu, qkv, grad = _first_random_batch(args, lengths, batch)
+
+            def both():
+                out = sa.short_self_attention(qkv, D, cu, max(lens), dropout=p, scale=D ** -0.5)
+                return torch.autograd.grad(out, qkv, grad)
+
+            grads = {}
+            for name in variants:  # each variant's gradients for the same dropout seed
+                use(name)
+                torch.cuda.manual_seed(0)
+                grads[name] = both()[0]
+            for name in list(variants)[1:]:
+                diff = (grads[name].float() - grads["loop"].float()).abs().max().item()
+                print(f"batch {batch}: {name}: gradients {'equal to' if torch.equal(grads[name], grads['loop']) else 'DIFFERENT from'} "
+                      f"the loop's (max abs difference {diff:.3g})")
+            times = {name: [] for name in variants}
+            for _ in range(3):
+                for name in times:
+                    use(name)
+                    times[name].append(cuda_graph_ms(both, args.reps)[0])
+            for name, t in times.items():
+                print(f"batch {batch}, dropout {p}, {name}: ms fwd+bwd a layer " + ", ".join(f"{x:.3f}" for x in t)
+                      + f" (median {sorted(t)[1]:.3f})")
+    finally:
+        use("loop")
 
 
 def tune_short(args, lengths: list[int]) -> None:
