@@ -27,11 +27,10 @@ def reference(q, k, v, cu, scale):
     return out.transpose(0, 1)
 
 
-def match() -> dict:
+def match(lens=(5, 33, 1, 70, 17, 200, 64, 65, 32, 128, 129)) -> dict:
     """Forward and gradients against fp32, lengths in every key tile (32, 64, 128, 256) and at their edges."""
     torch.manual_seed(0)
     heads, dim = 2, 16
-    lens = [5, 33, 1, 70, 17, 200, 64, 65, 32, 128, 129]
     cu, tokens = packed(lens)
     qkv = torch.randn(tokens, 3 * heads * dim)
     grad = torch.randn(tokens, heads, dim)
@@ -80,12 +79,11 @@ def cross() -> dict:
             "filler_grads_zero": all(torch.equal(t.grad[filler], torch.zeros_like(t.grad[filler])) for t in leaves[1:])}
 
 
-def dropout() -> dict:
+def dropout(lens=(37, 1, 63, 37, 5), dim=64) -> dict:
     """Value rows one-hot within each sequence: the output is the dropped-out attention matrix, whose
     zeros are the mask. The gradients must be those of attention under that mask."""
     torch.manual_seed(0)
-    heads, dim, p = 2, 64, 0.3
-    lens = [37, 1, 63, 37, 5]
+    heads, p = 2, 0.3
     cu, tokens = packed(lens)
     q, k = torch.randn(tokens, heads, dim).half(), torch.randn(tokens, heads, dim).half()
     v = torch.zeros(tokens, heads, dim)
@@ -97,7 +95,7 @@ def dropout() -> dict:
     def run(seed):
         torch.manual_seed(seed)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = short_attention(*leaves, cu, cu, 64, dropout=p, scale=dim ** -0.5)
+        out = short_attention(*leaves, cu, cu, max(lens), dropout=p, scale=dim ** -0.5)
         out.backward(grad)
         return out.detach(), [t.grad for t in leaves]
 
@@ -121,6 +119,20 @@ def dropout() -> dict:
             "same_across_heads": [torch.equal(m[0], m[1]) for m in masks if m.shape[1] > 1],
             "same_across_equal_lengths": torch.equal(masks[0], masks[3]),
             "same_seed_same_output": torch.equal(out, again), "other_seed_same_output": torch.equal(out, other)}
+
+
+def tails() -> dict:
+    """With short_attention.TAILS (lengths 65-96 in a 64-row key tile and a tail of 16 or 32 rows): which
+    launches run, match's check with lengths at every launch's edges, and dropout's with lengths in both
+    tails (values one-hot over 128 dimensions)."""
+    import seqcls.short_attention as sa
+    sa.TAILS = True
+    try:
+        return {"launches": sa._launches(256),
+                "match": match((5, 33, 1, 70, 17, 200, 64, 65, 80, 81, 96, 97, 32, 128, 129)),
+                "dropout": dropout((70, 1, 90, 70, 5, 81, 40), dim=128)}
+    finally:
+        sa.TAILS = False
 
 
 def one_block() -> dict:
@@ -304,4 +316,4 @@ def mask_bits() -> dict:
 
 if __name__ == "__main__":
     print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck, "masks": masks,
-                      "mask_bits": mask_bits, "one_block": one_block}[sys.argv[1]]()))
+                      "mask_bits": mask_bits, "one_block": one_block, "tails": tails}[sys.argv[1]]()))

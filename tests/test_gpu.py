@@ -262,6 +262,32 @@ def test_short_attention_one_block_backward_gives_the_loops_gradients(dropout):
     assert torch.equal(grads[0], grads[1])
 
 
+def test_short_attention_tails_give_the_128_row_tiles_values():
+    """seqcls.short_attention.TAILS (lengths 65-96 in a 64-row key tile and a tail of 16 or 32 rows)
+    compiled for the GPU: the output and the fused projection's gradient of the 128-row tile, up to the
+    order of bf16 sums, and not the same kernels' results (the tails ran)."""
+    import seqcls.short_attention as sa
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    lens = [70, 1, 90, 37, 81, 100, 65, 96]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    qkv = torch.randn(sum(lens), 3 * 16 * 64, device=dev, dtype=torch.bfloat16)
+    grad = torch.randn(sum(lens), 16, 64, device=dev, dtype=torch.bfloat16)
+    results = []
+    try:
+        for tails in (False, True):
+            sa.TAILS = tails
+            x = qkv.clone().requires_grad_()
+            out = sa.short_self_attention(x, 64, cu, max(lens), dropout=0.0, scale=0.125)
+            out.backward(grad)
+            results.append((out.float(), x.grad.float()))
+    finally:
+        sa.TAILS = False
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize("kernel", ["flash", "efficient", "short"])
 def test_varlen_attention_dropout_backward_replays_the_forward_mask_in_cuda_graphs(kernel):
     """With value rows one-hot (v[j] = e_j within a sequence) the output is the dropped-out attention

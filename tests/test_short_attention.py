@@ -22,13 +22,33 @@ def run_case(name: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_forward_and_gradients_match_attention_within_each_sequence_in_every_tile():
-    r = run_case("match")
+def check_match(r: dict) -> None:
     # fp16 inputs, fp32 reference on the same rounded inputs: fp16 products and outputs.
     for key in ("fwd_fused", "fwd_parts"):
         assert r[key] < 5e-3 * max(1.0, r["ref_out"]), r
     for key in ("grad_fused", "grad_parts"):  # fused: the gradient of the one qkv tensor, written whole
         assert r[key] < 1e-2 * max(1.0, r["ref_grad"]), r
+
+
+def check_dropout(r: dict) -> None:
+    assert r["fwd"] < 5e-3, r
+    for err, ref in zip(r["grads"], r["ref_grads"]):
+        assert err < 1e-2 * max(1.0, ref), r  # the backward regenerated the forward's mask
+    # p = 0.3: the standard deviation of the dropped fraction is below 0.005 at these sizes (>= 12k entries)
+    assert r["entries"] > 12_000 and 0.27 < r["dropped"] < 0.33, r
+    assert not any(r["same_across_heads"]) and not r["same_across_equal_lengths"], r
+    assert r["same_seed_same_output"] and not r["other_seed_same_output"], r
+
+
+def test_forward_and_gradients_match_attention_within_each_sequence_in_every_tile():
+    check_match(run_case("match"))
+
+
+def test_tails_take_lengths_65_to_96_in_a_64_row_tile_with_the_same_values_and_dropout():
+    r = run_case("tails")
+    assert r["launches"] == [[0, 32, 0], [32, 64, 0], [64, 64, 16], [80, 64, 32], [96, 128, 0], [128, 256, 0]], r
+    check_match(r["match"])
+    check_dropout(r["dropout"])
 
 
 def test_queries_apart_from_the_keys_as_the_first_token_last_layer_asks():
@@ -40,14 +60,7 @@ def test_queries_apart_from_the_keys_as_the_first_token_last_layer_asks():
 
 
 def test_dropout_mask_is_replayed_by_the_backward_and_independent_across_heads_and_sequences():
-    r = run_case("dropout")
-    assert r["fwd"] < 5e-3, r
-    for err, ref in zip(r["grads"], r["ref_grads"]):
-        assert err < 1e-2 * max(1.0, ref), r  # the backward regenerated the forward's mask
-    # p = 0.3 over ~12k entries: the standard deviation of the dropped fraction is ~0.004
-    assert 0.27 < r["dropped"] < 0.33, r
-    assert not any(r["same_across_heads"]) and not r["same_across_equal_lengths"], r
-    assert r["same_seed_same_output"] and not r["other_seed_same_output"], r
+    check_dropout(run_case("dropout"))
 
 
 def test_the_one_block_backward_gives_the_loops_gradients_where_a_query_block_covers_the_tile():

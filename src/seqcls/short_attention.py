@@ -37,11 +37,18 @@ TILES = (32, 64, 128, 256)
 _OFFSETS_PER_PROGRAM = max(TILES) * max(TILES) // 8  # Philox counters one (sequence, head) may use
 _PHILOX_ROUNDS = 10  # Philox4x32-10, as cuRAND's and torch's CUDA generator
 SEED_BOUND = 2**62  # the dropout seeds' range (Philox's key is 64 bits)
-# key tile -> (query block, warps, pipeline stages) of the forward and of the backward kernel: the query
-# rows a step of a program's loop takes, its warps, and Triton's software-pipelining depth of that loop.
-# Tuned on an H200 on MRPC's random b256 batches (roberta-large's heads, dropout 0.1; docs/benchmarks.md).
-_FWD_CONFIG = {32: (32, 2, 3), 64: (64, 4, 3), 128: (32, 4, 2), 256: (32, 8, 3)}
-_BWD_CONFIG = {32: (32, 2, 1), 64: (64, 4, 2), 128: (32, 4, 2), 256: (32, 8, 3)}
+TAILS = False
+"""Sequences of 65-96 tokens in a 64-row key tile and a tail of 16 or 32 rows (launches for 65-80 and
+81-96) instead of the 128-row tile: on MRPC ~92% of the sequences past 64 tokens are at most 80 long,
+so the 128-row tile computes ~44% of its scores on padding. Off: the 128-row tile. Not yet measured on a
+GPU, so off by default."""
+_TAIL_LAUNCHES = ((64, 16), (64, 32))  # (key tile, tail rows)
+# longest length a launch takes (its key tile plus tail) -> (query block, warps, pipeline stages) of the
+# forward and of the backward kernel: the query rows a step of a program's loop takes, its warps, and
+# Triton's software-pipelining depth of that loop. Tuned on an H200 on MRPC's random b256 batches
+# (roberta-large's heads, dropout 0.1; docs/benchmarks.md); the tails' not yet tuned.
+_FWD_CONFIG = {32: (32, 2, 3), 64: (64, 4, 3), 80: (32, 4, 2), 96: (32, 4, 2), 128: (32, 4, 2), 256: (32, 8, 3)}
+_BWD_CONFIG = {32: (32, 2, 1), 64: (64, 4, 2), 80: (32, 8, 2), 96: (16, 8, 2), 128: (32, 4, 2), 256: (32, 8, 3)}
 BWD_ONE_BLOCK = False
 """Self-attention backward in one query block where it covers the key tile, each gradient stored as
 soon as it is computed (_bwd_one_block); off: the loop over query blocks with accumulators. Not yet
@@ -69,13 +76,15 @@ def _counters_fit(sequences: int, heads: int) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _keep(seed, seq, h, H, m0, threshold, BM: tl.constexpr, BN: tl.constexpr, OFFSETS: tl.constexpr,
-              ROUNDS: tl.constexpr):
-        """(BM, BN) dropout keep-mask of query rows m0.. of one (sequence, head), the same in the forward and
-        the backward: one Philox call gives 4 x 32 random bits, 8 entries of 16 bits."""
+    def _keep(seed, seq, h, H, m0, threshold, BM: tl.constexpr, BN: tl.constexpr, ROW: tl.constexpr,
+              C0: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
+        """(BM, BN) dropout keep-mask of query rows m0.. and key columns C0.. of one (sequence, head) whose
+        rows are ROW keys wide, the same in the forward and the backward: one Philox call gives 4 x 32
+        random bits, 8 entries of 16 bits."""
         W: tl.constexpr = BN // 8
-        base = (seq * H + h) * OFFSETS + m0 * W  # each (sequence, head) has OFFSETS counters of its own
-        offsets = base + tl.arange(0, BM)[:, None] * W + tl.arange(0, W)[None, :]
+        WR: tl.constexpr = ROW // 8
+        base = (seq * H + h) * OFFSETS + m0 * WR + C0 // 8  # each (sequence, head) has OFFSETS counters of its own
+        offsets = base + tl.arange(0, BM)[:, None] * WR + tl.arange(0, W)[None, :]
         r0, r1, r2, r3 = tl.randint4x(seed, offsets, ROUNDS)
         r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
         r = tl.join(r & 0xFFFF, (r >> 16) & 0xFFFF)
@@ -106,29 +115,50 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr,
                     sq, sk, sv, so, H, scale_log2, threshold, inv_keep,
-                    LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+                    LO: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
                     DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
+        """Sequences of LO < length <= BN + BT keys: a key tile of BN rows and, if BT, a tail of BT rows."""
         seq, h = tl.program_id(0), tl.program_id(1)
         kstart, length = _span(cuk_ptr, seq)
-        if (length > LO) & (length <= BN):
+        if (length > LO) & (length <= BN + BT):
             qstart, queries = _span(cuq_ptr, seq)
             n = tl.arange(0, BN)
             key_in = n < length
             k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
             v = _load_rows(v_ptr, kstart + n, sv, h, D, key_in)
+            if BT > 0:
+                t = BN + tl.arange(0, BT)
+                tail_in = t < length
+                kt = _load_rows(k_ptr, kstart + t, sk, h, D, tail_in)
+                vt = _load_rows(v_ptr, kstart + t, sv, h, D, tail_in)
             seed = tl.load(seed_ptr) if DROPOUT else 0
             for m0 in range(0, queries, BM):
                 m = m0 + tl.arange(0, BM)
                 q_in = m < queries
-                s = _scores(_load_rows(q_ptr, qstart + m, sq, h, D, q_in), k, key_in, scale_log2)
+                q = _load_rows(q_ptr, qstart + m, sq, h, D, q_in)
+                s = _scores(q, k, key_in, scale_log2)
                 top = tl.max(s, 1)
+                if BT > 0:
+                    st = _scores(q, kt, tail_in, scale_log2)
+                    top = tl.maximum(top, tl.max(st, 1))
                 e = tl.exp2(s - top[:, None])
                 total = tl.sum(e, 1)
+                if BT > 0:
+                    et = tl.exp2(st - top[:, None])
+                    total += tl.sum(et, 1)
                 p = e / total[:, None]
                 tl.store(lse_ptr + (qstart + m) * H + h, top + tl.log2(total), mask=q_in)
                 if DROPOUT:
-                    p = tl.where(_keep(seed, seq, h, H, m0, threshold, BM, BN, OFFSETS, ROUNDS), p * inv_keep, 0.0)
-                _store_rows(o_ptr, qstart + m, so, h, D, q_in, tl.dot(p.to(v.dtype), v))
+                    keep = _keep(seed, seq, h, H, m0, threshold, BM, BN, BN + BT, 0, OFFSETS, ROUNDS)
+                    p = tl.where(keep, p * inv_keep, 0.0)
+                o = tl.dot(p.to(v.dtype), v)
+                if BT > 0:
+                    pt = et / total[:, None]
+                    if DROPOUT:
+                        keep_t = _keep(seed, seq, h, H, m0, threshold, BM, BT, BN + BT, BN, OFFSETS, ROUNDS)
+                        pt = tl.where(keep_t, pt * inv_keep, 0.0)
+                    o += tl.dot(pt.to(v.dtype), vt)
+                _store_rows(o_ptr, qstart + m, so, h, D, q_in, o)
 
     @triton.jit
     def _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
@@ -150,7 +180,7 @@ if triton is not None:
             lse = tl.load(lse_ptr + (qstart + m) * H + h, mask=q_in, other=float("inf"))
             p = tl.exp2(_scores(q, k, key_in, scale_log2) - lse[:, None])
             if DROPOUT:
-                keep = _keep(tl.load(seed_ptr), seq, h, H, 0, threshold, BM, BN, OFFSETS, ROUNDS)
+                keep = _keep(tl.load(seed_ptr), seq, h, H, 0, threshold, BM, BN, BN, 0, OFFSETS, ROUNDS)
                 pd = tl.where(keep, p * inv_keep, 0.0)
             else:
                 pd = p
@@ -165,15 +195,17 @@ if triton is not None:
     @triton.jit
     def _bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
                     sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep,
-                    LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+                    LO: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
                     DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr, ONE_BLOCK: tl.constexpr):
+        """Sequences of LO < length <= BN + BT keys: a key tile of BN rows and, if BT, a tail of BT rows
+        (ONE_BLOCK only without a tail)."""
         seq, h = tl.program_id(0), tl.program_id(1)
         kstart, length = _span(cuk_ptr, seq)
         if ONE_BLOCK:
             _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
                            sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep, seq, h,
                            kstart, length, LO, BN, BM, D, DROPOUT, OFFSETS, ROUNDS)
-        elif (length > LO) & (length <= BN):
+        elif (length > LO) & (length <= BN + BT):
             qstart, queries = _span(cuq_ptr, seq)
             n = tl.arange(0, BN)
             key_in = n < length
@@ -181,6 +213,13 @@ if triton is not None:
             v = _load_rows(v_ptr, kstart + n, sv, h, D, key_in)
             dk = tl.zeros((BN, D), dtype=tl.float32)
             dv = tl.zeros((BN, D), dtype=tl.float32)
+            if BT > 0:
+                t = BN + tl.arange(0, BT)
+                tail_in = t < length
+                kt = _load_rows(k_ptr, kstart + t, sk, h, D, tail_in)
+                vt = _load_rows(v_ptr, kstart + t, sv, h, D, tail_in)
+                dkt = tl.zeros((BT, D), dtype=tl.float32)
+                dvt = tl.zeros((BT, D), dtype=tl.float32)
             seed = tl.load(seed_ptr) if DROPOUT else 0
             for m0 in range(0, queries, BM):
                 m = m0 + tl.arange(0, BM)
@@ -192,29 +231,53 @@ if triton is not None:
                 p = tl.exp2(_scores(q, k, key_in, scale_log2) - lse[:, None])
                 dp = tl.dot(g, tl.trans(v))  # gradient of the (dropped-out) probabilities
                 if DROPOUT:
-                    keep = _keep(seed, seq, h, H, m0, threshold, BM, BN, OFFSETS, ROUNDS)
+                    keep = _keep(seed, seq, h, H, m0, threshold, BM, BN, BN + BT, 0, OFFSETS, ROUNDS)
                     pd = tl.where(keep, p * inv_keep, 0.0)
                     dp = tl.where(keep, dp * inv_keep, 0.0)
                 else:
                     pd = p
                 dv += tl.dot(tl.trans(pd.to(g.dtype)), g)
-                ds = p * (dp - tl.sum(p * dp, 1)[:, None])  # softmax backward; the whole row is here
+                rowsum = tl.sum(p * dp, 1)
+                if BT > 0:
+                    pt = tl.exp2(_scores(q, kt, tail_in, scale_log2) - lse[:, None])
+                    dpt = tl.dot(g, tl.trans(vt))
+                    if DROPOUT:
+                        keep_t = _keep(seed, seq, h, H, m0, threshold, BM, BT, BN + BT, BN, OFFSETS, ROUNDS)
+                        pdt = tl.where(keep_t, pt * inv_keep, 0.0)
+                        dpt = tl.where(keep_t, dpt * inv_keep, 0.0)
+                    else:
+                        pdt = pt
+                    dvt += tl.dot(tl.trans(pdt.to(g.dtype)), g)
+                    rowsum += tl.sum(pt * dpt, 1)
+                ds = p * (dp - rowsum[:, None])  # softmax backward; the whole row is here
                 ds = ds.to(q.dtype)
-                _store_rows(dq_ptr, qstart + m, sdq, h, D, q_in, tl.dot(ds, k) * scale)
+                dq = tl.dot(ds, k)
                 dk += tl.dot(tl.trans(ds), q)
+                if BT > 0:
+                    dst = (pt * (dpt - rowsum[:, None])).to(q.dtype)
+                    dq += tl.dot(dst, kt)
+                    dkt += tl.dot(tl.trans(dst), q)
+                _store_rows(dq_ptr, qstart + m, sdq, h, D, q_in, dq * scale)
             # every key row is written, zeros where the sequence asks no query
             _store_rows(dk_ptr, kstart + n, sdk, h, D, key_in, dk * scale)
             _store_rows(dv_ptr, kstart + n, sdv, h, D, key_in, dv)
+            if BT > 0:
+                _store_rows(dk_ptr, kstart + t, sdk, h, D, tail_in, dkt * scale)
+                _store_rows(dv_ptr, kstart + t, sdv, h, D, tail_in, dvt)
 
 
 def _launches(max_len: int):
-    """(lowest length exclusive, key tile) for each launch that sequences up to ``max_len`` need."""
+    """(lowest length exclusive, key tile, tail rows) for each launch that sequences up to ``max_len``
+    need; with TAILS, lengths 65-96 in a 64-row tile and a tail instead of the 128-row tile."""
+    shapes = [(tile, 0) for tile in TILES]
+    if TAILS:
+        shapes[2:2] = _TAIL_LAUNCHES
     out, low = [], 0
-    for tile in TILES:
+    for tile, tail in shapes:
         if low >= max_len:
             break
-        out.append((low, tile))
-        low = tile
+        out.append((low, tile, tail))
+        low = tile + tail
     return out
 
 
@@ -234,12 +297,12 @@ def _attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     seed = (torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=query.device) if dropout > 0
             else torch.zeros(1, dtype=torch.int64, device=query.device))  # zeros: the op's outputs are deterministic
     threshold, inv_keep = _dropout_args(dropout)
-    for low, tile in _launches(max_len):
-        block, warps, stages = _FWD_CONFIG[tile]
+    for low, tile, tail in _launches(max_len):
+        block, warps, stages = _FWD_CONFIG[tile + tail]
         _fwd_kernel[(cu_k.numel() - 1, heads)](
             query, key, value, out, lse, cu_q, cu_k, seed,
             query.stride(0), key.stride(0), value.stride(0), out.stride(0), heads, scale * 1.4426950408889634,
-            threshold, inv_keep, LO=low, BN=tile, BM=block, D=dim, DROPOUT=dropout > 0,
+            threshold, inv_keep, LO=low, BN=tile, BT=tail, BM=block, D=dim, DROPOUT=dropout > 0,
             OFFSETS=_OFFSETS_PER_PROGRAM, ROUNDS=_PHILOX_ROUNDS, num_warps=warps, num_stages=stages)
     return out, lse, seed
 
@@ -276,14 +339,15 @@ def _attention_bwd(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, v
     # self-attention (each sequence's queries are its keys) can take the one-block path where a query
     # block covers the key tile
     one_block = BWD_ONE_BLOCK and cu_q.data_ptr() == cu_k.data_ptr()
-    for low, tile in _launches(max_len):
-        block, warps, stages = _BWD_CONFIG[tile]
+    for low, tile, tail in _launches(max_len):
+        block, warps, stages = _BWD_CONFIG[tile + tail]
         _bwd_kernel[(cu_k.numel() - 1, heads)](
             query, key, value, grad, lse, cu_q, cu_k, seed, dq, dk, dv,
             query.stride(0), key.stride(0), value.stride(0), grad.stride(0), dq.stride(0), dk.stride(0), dv.stride(0),
             heads, scale, scale * 1.4426950408889634, threshold, inv_keep,
-            LO=low, BN=tile, BM=block, D=dim, DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM,
-            ROUNDS=_PHILOX_ROUNDS, ONE_BLOCK=one_block and block >= tile, num_warps=warps, num_stages=stages)
+            LO=low, BN=tile, BT=tail, BM=block, D=dim, DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM,
+            ROUNDS=_PHILOX_ROUNDS, ONE_BLOCK=one_block and block >= tile and tail == 0, num_warps=warps,
+            num_stages=stages)
     return out
 
 
