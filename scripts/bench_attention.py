@@ -227,7 +227,7 @@ def one_block(args, lengths: list[int]) -> None:
     from seqcls import short_attention as sa
 
     D, p = args.head_dim, args.dropout
-    default = dict(sa._BWD_CONFIG)
+    default, settings = dict(sa._BWD_CONFIG), (sa.BWD_ONE_BLOCK, sa.TAILS)
     variants = {"loop": (False, False, {}), "one block": (True, False, {}),
                 "one block, 64-tile 8 warps": (True, False, {64: (64, 8, 1)}),
                 "one block + 128-tile 8 warps": (True, False, {128: (128, 8, 1)}),
@@ -273,6 +273,7 @@ def one_block(args, lengths: list[int]) -> None:
                       + f" (median {sorted(t)[1]:.3f})")
     finally:
         use("loop")
+        sa.BWD_ONE_BLOCK, sa.TAILS = settings
 
 
 def tune_short(args, lengths: list[int]) -> None:

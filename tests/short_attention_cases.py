@@ -146,7 +146,7 @@ def one_block() -> dict:
     cu, tokens = packed(lens)
     qkv = torch.randn(tokens, 3 * heads * dim).half()
     grad = torch.randn(tokens, heads, dim).half()
-    launches, kernel = [], sa._bwd_kernel
+    launches, kernel, setting = [], sa._bwd_kernel, sa.BWD_ONE_BLOCK
 
     class Recorder:  # records each backward launch's key tile and path
         def __getitem__(self, grid):
@@ -187,7 +187,7 @@ def one_block() -> dict:
         sa.short_attention(first, k, v, cu_q, cu, 128, dropout=0.0, scale=dim ** -0.5).backward(grad[: len(lens)])
         out["paths"]["cross"] = sorted(set(launches))
     finally:
-        sa._bwd_kernel, sa.BWD_ONE_BLOCK = kernel, False
+        sa._bwd_kernel, sa.BWD_ONE_BLOCK = kernel, setting
     return out
 
 

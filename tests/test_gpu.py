@@ -248,7 +248,7 @@ def test_short_attention_one_block_backward_gives_the_loops_gradients(dropout):
     cu = torch.tensor([0, 37, 38, 101, 128, 131, 242], dtype=torch.int32, device=dev)  # tiles 64, 32, 64, 32, 32, 128
     qkv = torch.randn(242, 3 * 16 * 64, device=dev, dtype=torch.bfloat16)
     grad = torch.randn(242, 16, 64, device=dev, dtype=torch.bfloat16)
-    grads = []
+    grads, setting = [], sa.BWD_ONE_BLOCK
     try:
         for one in (False, True):
             sa.BWD_ONE_BLOCK = one
@@ -257,7 +257,7 @@ def test_short_attention_one_block_backward_gives_the_loops_gradients(dropout):
             sa.short_self_attention(x, 64, cu, 111, dropout=dropout, scale=0.125).backward(grad)
             grads.append(x.grad)
     finally:
-        sa.BWD_ONE_BLOCK = False
+        sa.BWD_ONE_BLOCK = setting
     assert grads[0].abs().sum() > 0
     assert torch.equal(grads[0], grads[1])
 
