@@ -231,6 +231,7 @@ def one_block(args, lengths: list[int]) -> None:
     variants = {"loop": (False, False, {}), "one block": (True, False, {}),
                 "one block, 64-tile 8 warps": (True, False, {64: (64, 8, 1)}),
                 "one block + 128-tile 8 warps": (True, False, {128: (128, 8, 1)}),
+                "one block, 128-tile query block 32, 8 warps": (True, False, {128: (32, 8, 2)}),
                 "tails": (False, True, {}), "tails + one block": (True, True, {}),
                 "tails + one block, 64-tile 8 warps": (True, True, {64: (64, 8, 1)})}
 
@@ -290,7 +291,7 @@ def tune_short(args, lengths: list[int]) -> None:
     D, p = args.head_dim, args.dropout
     shapes = {32: [(32, 1), (32, 2), (32, 4), (16, 1)], 64: [(64, 2), (64, 4), (64, 8), (32, 2), (32, 4), (16, 2)],
               80: [(16, 4), (16, 8), (32, 4), (32, 8)], 96: [(16, 4), (16, 8), (32, 4), (32, 8)],
-              128: [(32, 2), (32, 4), (64, 4), (64, 8), (128, 8)], 256: [(16, 4), (32, 4), (32, 8), (64, 8)]}
+              128: [(32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)], 256: [(16, 4), (32, 4), (32, 8), (64, 8)]}
     choices = {tile: [(b, w, s) for b, w in bw for s in (1, 2, 3)] for tile, bw in shapes.items()}
     for batch in (int(b) for b in args.batch.split(",")):
         lens, cu, qkv, grad = _first_random_batch(args, lengths, batch)
