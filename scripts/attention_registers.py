@@ -23,6 +23,7 @@ _FWD = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", 
 _BWD = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "g_ptr": "*bf16", "lse_ptr": "*fp32", **_COMMON,
         "dq_ptr": "*bf16", "dk_ptr": "*bf16", "dv_ptr": "*bf16", "sq": "i32", "sk": "i32", "sv": "i32",
         "sg": "i32", "sdq": "i32", "sdk": "i32", "sdv": "i32", "scale": "fp32"}
+_STRIDES = {"sq", "sk", "sv", "so", "sg", "sdq", "sdk", "sdv"}
 
 
 def resources(kernel, signature: dict, constants: dict, warps: int, stages: int, arch: int) -> str:
@@ -31,7 +32,11 @@ def resources(kernel, signature: dict, constants: dict, warps: int, stages: int,
     from triton.compiler import ASTSource
 
     sig = {name: signature[name] if name in signature else "constexpr" for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constants),
+    # what Triton's launcher tells the compiler of real arguments: pointers and row strides (3 * 1024 and
+    # 1024 elements) divisible by 16; without it no load is vectorised or issued ahead by the pipeliner
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+               if signature.get(name, "").startswith("*") or name in _STRIDES}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constants, attrs=aligned),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -39,7 +44,9 @@ def resources(kernel, signature: dict, constants: dict, warps: int, stages: int,
         tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
         usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     fields = dict(f.split(":") for line in usage.splitlines() if "REG:" in line for f in line.split())
-    return f"registers {fields['REG']:>3}, spilled stack {fields['STACK']:>4} B, shared {compiled.metadata.shared} B"
+    ahead = compiled.asm["ttgir"].count("async_copy_global_to_local")
+    return (f"registers {fields['REG']:>3}, spilled stack {fields['STACK']:>4} B, shared {compiled.metadata.shared} B, "
+            f"{ahead} loads issued ahead")
 
 
 def main() -> None:
@@ -52,12 +59,14 @@ def main() -> None:
     ap.add_argument("--warps", type=int)
     ap.add_argument("--stages", type=int)
     ap.add_argument("--one-block", action="store_true", help="the backward's one-block path")
+    ap.add_argument("--heads-per-program", type=int, help="short_attention.HEADS_PER_PROGRAM (default: as set)")
     ap.add_argument("--tails", action="store_true", help="the launches as with short_attention.TAILS")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     from seqcls import short_attention as sa
 
     sa.TAILS = args.tails
+    heads_per_program = args.heads_per_program or sa.HEADS_PER_PROGRAM
     if args.tile:
         launches = [(args.tile // 2 if not args.tail else args.tile, args.tile, args.tail)]
     else:
@@ -69,10 +78,12 @@ def main() -> None:
             block, warps, stages = args.block or block, args.warps or warps, args.stages or stages
             constants = {"LO": low, "BN": tile, "BT": tail, "BM": block, "D": args.head_dim, "DROPOUT": True,
                          "OFFSETS": sa._OFFSETS_PER_PROGRAM, "ROUNDS": sa._PHILOX_ROUNDS}
-            one = ""
+            one = block >= tile and not tail  # self-attention, as training runs it
             if name == "backward":
-                constants["ONE_BLOCK"] = bool(args.one_block or sa.BWD_ONE_BLOCK) and block >= tile and not tail
-                one = ", one block" if constants["ONE_BLOCK"] else ""
+                one = constants["ONE_BLOCK"] = bool(args.one_block or sa.BWD_ONE_BLOCK) and one
+            constants["HP"] = heads_per_program if one else 1
+            one = (", one block" if one and name == "backward" else "") + \
+                (f", {constants['HP']} heads a program" if constants["HP"] > 1 else "")
             print(f"{name:8} lengths {low + 1:>3}-{tile + tail:<3} (tile {tile}, tail {tail}), query block {block}, "
                   f"{warps} warps, {stages} stages{one}: "
                   f"{resources(kernel, signature, constants, warps, stages, args.arch)}", flush=True)
