@@ -1,7 +1,10 @@
 """Registers, spilled stack and shared memory of seqcls.short_attention's kernels, compiled ahead of time
 for an NVIDIA GPU (sm_90 by default) with the installed Triton: no GPU needed. A configuration that spills
 (stack > 0) keeps part of its tiles in local memory; one that needs many registers fits few programs on an
-SM. Triton versions allocate differently: the GPU machine's own may not give the same numbers.
+SM; "loads issued ahead" counts the loads Triton's pipeliner turned into asynchronous copies. Pointers and
+row strides are declared divisible by 16, as Triton's launcher declares the real ones (without that no
+load is vectorised or issued ahead, and the counts are not the GPU's). Triton versions allocate
+differently: the GPU machine's own may not give the same numbers.
 
     python scripts/attention_registers.py                    # every launch's configuration as set
     python scripts/attention_registers.py --tile 64 --block 64 --warps 8 --stages 1 --one-block
@@ -59,14 +62,12 @@ def main() -> None:
     ap.add_argument("--warps", type=int)
     ap.add_argument("--stages", type=int)
     ap.add_argument("--one-block", action="store_true", help="the backward's one-block path")
-    ap.add_argument("--heads-per-program", type=int, help="short_attention.HEADS_PER_PROGRAM (default: as set)")
     ap.add_argument("--tails", action="store_true", help="the launches as with short_attention.TAILS")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     from seqcls import short_attention as sa
 
     sa.TAILS = args.tails
-    heads_per_program = args.heads_per_program or sa.HEADS_PER_PROGRAM
     if args.tile:
         launches = [(args.tile // 2 if not args.tail else args.tile, args.tile, args.tail)]
     else:
@@ -78,12 +79,10 @@ def main() -> None:
             block, warps, stages = args.block or block, args.warps or warps, args.stages or stages
             constants = {"LO": low, "BN": tile, "BT": tail, "BM": block, "D": args.head_dim, "DROPOUT": True,
                          "OFFSETS": sa._OFFSETS_PER_PROGRAM, "ROUNDS": sa._PHILOX_ROUNDS}
-            one = block >= tile and not tail  # self-attention, as training runs it
+            one = ""
             if name == "backward":
-                one = constants["ONE_BLOCK"] = bool(args.one_block or sa.BWD_ONE_BLOCK) and one
-            constants["HP"] = heads_per_program if one else 1
-            one = (", one block" if one and name == "backward" else "") + \
-                (f", {constants['HP']} heads a program" if constants["HP"] > 1 else "")
+                constants["ONE_BLOCK"] = bool(args.one_block or sa.BWD_ONE_BLOCK) and block >= tile and not tail
+                one = ", one block" if constants["ONE_BLOCK"] else ""
             print(f"{name:8} lengths {low + 1:>3}-{tile + tail:<3} (tile {tile}, tail {tail}), query block {block}, "
                   f"{warps} warps, {stages} stages{one}: "
                   f"{resources(kernel, signature, constants, warps, stages, args.arch)}", flush=True)

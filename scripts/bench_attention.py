@@ -66,12 +66,6 @@ def main():
                     help="time the short-sequence kernel's (query block, warps) choices per key tile instead of the table")
     ap.add_argument("--one-block", action="store_true",
                     help="time the short-sequence kernel's backward with and without its one-block path instead of the table")
-    ap.add_argument("--heads-per-program", action="store_true",
-                    help="time the short-sequence kernel with several heads a program (HEADS_PER_PROGRAM) and "
-                         "pipeline depths instead of the table")
-    ap.add_argument("--write-fastest", default=None,
-                    help="with --heads-per-program: write the fastest setting at the last --batch as a "
-                         "sitecustomize.py into this folder (put it on PYTHONPATH to train with it)")
     ap.add_argument("--check-dropout", action="store_true",
                     help="check the varlen kernels' attention dropout and time them, instead of the table")
     ap.add_argument("--data-dir", default=None, help="GLUE MRPC TSV folder (default ../shared/data/mrpc)")
@@ -98,8 +92,6 @@ def main():
         return tune_short(args, lengths)
     if args.one_block:
         return one_block(args, lengths)
-    if args.heads_per_program:
-        return heads_per_program(args, lengths)
 
     def variants(lens: list[int], p: float) -> dict:
         B, T = len(lens), sum(lens)
@@ -283,88 +275,6 @@ def one_block(args, lengths: list[int]) -> None:
     finally:
         use("loop")
         sa.BWD_ONE_BLOCK, sa.TAILS = settings
-
-
-def heads_per_program(args, lengths: list[int]) -> None:
-    """seqcls.short_attention with 1, 2, 4 or 8 heads a program (HEADS_PER_PROGRAM: the 32- and 64-row
-    tiles, whose query block covers the tile, loop over heads and Triton's pipeliner loads the next head
-    ahead) and pipeline depths (stages) of those tiles' forward and backward: forward alone and forward +
-    backward of one layer on each --batch's first random batch, each variant three times in turn, after
-    checking each gives the output and gradients of one head a program bit for bit (one dropout seed)."""
-    import torch
-    from seqcls import short_attention as sa
-
-    D, p = args.head_dim, args.dropout
-    fwd0, bwd0, hp0 = dict(sa._FWD_CONFIG), dict(sa._BWD_CONFIG), sa.HEADS_PER_PROGRAM
-    stages = {"as set": None, "stages 2": (2, 2), "fwd 3, bwd 2": (3, 2), "stages 3": (3, 3)}
-    variants = {(hp, st): None for hp in (1, 2, 4, 8) for st in stages if hp > 1 or st == "as set"}
-
-    def use(variant):
-        hp, st = variant
-        sa.HEADS_PER_PROGRAM = hp
-        sa._FWD_CONFIG.update(fwd0), sa._BWD_CONFIG.update(bwd0)
-        if stages[st]:
-            for config, n in ((sa._FWD_CONFIG, stages[st][0]), (sa._BWD_CONFIG, stages[st][1])):
-                for tile in (32, 64):
-                    config[tile] = (*config[tile][:2], n)
-
-    def label(variant):
-        return f"{variant[0]} head{'s' if variant[0] > 1 else ''} a program, {variant[1]}"
-
-    fastest = None
-    try:
-        for batch in (int(b) for b in args.batch.split(",")):
-            lens, cu, qkv, grad = _first_random_batch(args, lengths, batch)
-
-            def both():
-                out = sa.short_self_attention(qkv, D, cu, max(lens), dropout=p, scale=D ** -0.5)
-                return (out.detach(), *torch.autograd.grad(out, qkv, grad))  # no autograd graph kept alive
-
-            def forward():
-                with torch.no_grad():
-                    return sa.short_self_attention(qkv, D, cu, max(lens), dropout=p, scale=D ** -0.5)
-
-            results = {}
-            for v in variants:
-                use(v)
-                torch.cuda.manual_seed(0)
-                results[v] = both()
-            ref = results[(1, "as set")]
-            for v, r in results.items():
-                same = all(torch.equal(a, b) for a, b in zip(r, ref))
-                print(f"batch {batch}: {label(v)}: output and gradients "
-                      f"{'equal to' if same else 'NOT equal to'} one head a program's")
-            times = {v: ([], []) for v in variants}
-            for _ in range(3):
-                for v in variants:
-                    use(v)
-                    try:
-                        times[v][0].append(cuda_graph_ms(forward, args.reps)[0])
-                        times[v][1].append(cuda_graph_ms(both, args.reps)[0])
-                    except Exception as e:  # noqa: BLE001  (a choice Triton cannot compile: report it, go on)
-                        print(f"{label(v)}: failed: {str(e).splitlines()[0][:100]}")
-                        times[v][0].append(float("inf")), times[v][1].append(float("inf"))
-            print(f"\n| batch {batch}, dropout {p} | ms forward a layer | ms fwd+bwd a layer |\n|---|---|---|")
-            for v, (f, b) in times.items():
-                print(f"| {label(v)} | {sorted(f)[1]:.3f} ({', '.join(f'{x:.3f}' for x in f)}) "
-                      f"| {sorted(b)[1]:.3f} ({', '.join(f'{x:.3f}' for x in b)}) |")
-            fastest = min(times, key=lambda v: sorted(times[v][1])[1])
-            print(f"fastest fwd+bwd at batch {batch}: {label(fastest)}")
-    finally:
-        sa._FWD_CONFIG.update(fwd0), sa._BWD_CONFIG.update(bwd0)
-        sa.HEADS_PER_PROGRAM = hp0
-    if args.write_fastest and fastest:
-        use(fastest)
-        folder = Path(args.write_fastest)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "sitecustomize.py").write_text(
-            "import seqcls.short_attention as sa\n"
-            f"sa.HEADS_PER_PROGRAM = {fastest[0]}\n"
-            f"sa._FWD_CONFIG.update({ {t: sa._FWD_CONFIG[t] for t in (32, 64)} })\n"
-            f"sa._BWD_CONFIG.update({ {t: sa._BWD_CONFIG[t] for t in (32, 64)} })\n")
-        sa._FWD_CONFIG.update(fwd0), sa._BWD_CONFIG.update(bwd0)
-        sa.HEADS_PER_PROGRAM = hp0
-        print(f"wrote {folder / 'sitecustomize.py'}: {label(fastest)}")
 
 
 def tune_short(args, lengths: list[int]) -> None:

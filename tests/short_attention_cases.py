@@ -191,62 +191,6 @@ def one_block() -> dict:
     return out
 
 
-def heads_per_program() -> dict:
-    """short_attention.HEADS_PER_PROGRAM at 2 and 4 (of 4 heads) against 1: the output and the fused and
-    unfused gradients with dropout, bit for bit, and each launch's heads a program (the 32- and 64-row
-    tiles, whose query block covers the tile, under self-attention; 3, which does not divide the heads,
-    falls back to 1)."""
-    import seqcls.short_attention as sa
-    torch.manual_seed(0)
-    heads, dim = 4, 16
-    lens = [5, 33, 1, 70, 64]
-    cu, tokens = packed(lens)
-    qkv = torch.randn(tokens, 3 * heads * dim).half()
-    grad = torch.randn(tokens, heads, dim).half()
-    launches, kernels, setting = [], (sa._fwd_kernel, sa._bwd_kernel), sa.HEADS_PER_PROGRAM
-
-    class Recorder:  # records each launch's pass, key tile and heads a program
-        def __init__(self, kernel, name):
-            self.kernel, self.name = kernel, name
-
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launches.append((self.name, kw["BN"], kw["HP"], grid[1]))
-                return self.kernel[grid](*args, **kw)
-            return launch
-
-    def run(fused):
-        torch.manual_seed(3)  # the dropout seed is drawn from torch's generator
-        if fused:
-            x = qkv.clone().requires_grad_()
-            o = sa.short_self_attention(x, dim, cu, 128, dropout=0.2, scale=dim ** -0.5)
-            o.backward(grad)
-            return o, x.grad
-        parts = [t.reshape(tokens, heads, dim).contiguous().requires_grad_() for t in qkv.chunk(3, dim=-1)]
-        o = sa.short_attention(*parts, cu, cu, 128, dropout=0.2, scale=dim ** -0.5)
-        o.backward(grad)
-        return o, torch.cat([t.grad.reshape(tokens, -1) for t in parts], dim=-1)
-
-    out = {"same": {}, "launches": {}}
-    sa._fwd_kernel, sa._bwd_kernel = Recorder(kernels[0], "fwd"), Recorder(kernels[1], "bwd")
-    try:
-        for fused in (True, False):
-            sa.HEADS_PER_PROGRAM = 1
-            ref = run(fused)
-            for hp in (2, 4, 3) if fused else (2,):
-                sa.HEADS_PER_PROGRAM = hp
-                launches.clear()
-                got = run(fused)
-                name = f"{hp}_{'fused' if fused else 'parts'}"
-                out["same"][name] = all(torch.equal(a, b) for a, b in zip(got, ref))
-                out["launches"][name] = sorted(set(launches))
-            out["nonzero"] = bool(ref[1].abs().sum() > 0)
-    finally:
-        sa._fwd_kernel, sa._bwd_kernel = kernels
-        sa.HEADS_PER_PROGRAM = setting
-    return out
-
-
 def opcheck() -> dict:
     """torch.library.opcheck of both ops without dropout (schema, fake implementations against the
     kernels' outputs, autograd registration, tracing by AOTAutograd): a list of failures, empty if none."""
@@ -372,5 +316,4 @@ def mask_bits() -> dict:
 
 if __name__ == "__main__":
     print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck, "masks": masks,
-                      "mask_bits": mask_bits, "one_block": one_block, "tails": tails,
-                      "heads_per_program": heads_per_program}[sys.argv[1]]()))
+                      "mask_bits": mask_bits, "one_block": one_block, "tails": tails}[sys.argv[1]]()))

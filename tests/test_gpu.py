@@ -262,32 +262,6 @@ def test_short_attention_one_block_backward_gives_the_loops_gradients(dropout):
     assert torch.equal(grads[0], grads[1])
 
 
-def test_short_attention_heads_per_program_give_the_same_values():
-    """seqcls.short_attention.HEADS_PER_PROGRAM at 2 and 4 compiled for the GPU (the 32- and 64-row tiles
-    loop over heads, their loads issued ahead by Triton's pipeliner): the output and the fused
-    projection's gradient of one head a program, bit for bit, with dropout."""
-    import seqcls.short_attention as sa
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    cu = torch.tensor([0, 37, 38, 101, 128, 131, 242], dtype=torch.int32, device=dev)  # tiles 64, 32, 64, 32, 32, 128
-    qkv = torch.randn(242, 3 * 16 * 64, device=dev, dtype=torch.bfloat16)
-    grad = torch.randn(242, 16, 64, device=dev, dtype=torch.bfloat16)
-    results, setting = [], sa.HEADS_PER_PROGRAM
-    try:
-        for hp in (1, 2, 4):
-            sa.HEADS_PER_PROGRAM = hp
-            torch.cuda.manual_seed(0)  # the same dropout seed for each
-            x = qkv.clone().requires_grad_()
-            out = sa.short_self_attention(x, 64, cu, 111, dropout=0.1, scale=0.125)
-            out.backward(grad)
-            results.append((out, x.grad))
-    finally:
-        sa.HEADS_PER_PROGRAM = setting
-    assert results[0][1].abs().sum() > 0
-    for out, g in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(g, results[0][1])
-
-
 def test_short_attention_tails_give_the_128_row_tiles_values():
     """seqcls.short_attention.TAILS (lengths 65-96 in a 64-row key tile and a tail of 16 or 32 rows)
     compiled for the GPU: the output and the fused projection's gradient of the 128-row tile, up to the

@@ -73,18 +73,6 @@ def test_the_one_block_backward_gives_the_loops_gradients_where_a_query_block_co
         assert paths == expected, (name, paths)
 
 
-def test_several_heads_a_program_give_the_same_values_where_a_query_block_covers_the_tile():
-    r = run_case("heads_per_program")
-    assert len(r["same"]) == 4 and all(r["same"].values()) and r["nonzero"], r
-    for name, launches in r["launches"].items():
-        hp = int(name.split("_")[0])
-        hp = hp if 4 % hp == 0 else 1
-        # (pass, key tile, heads a program, programs a sequence): 32- and 64-row tiles take hp heads a program
-        expected = sorted((p, tile, hp if tile < 128 else 1, 4 // hp if tile < 128 else 4)
-                          for p in ("bwd", "fwd") for tile in (32, 64, 128))
-        assert launches == [list(x) for x in expected], (name, launches)
-
-
 def test_the_custom_ops_fake_implementations_and_autograd_pass_torch_opcheck():
     assert run_case("opcheck")["failures"] == []
 

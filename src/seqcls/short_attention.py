@@ -55,11 +55,6 @@ BWD_ONE_BLOCK = True
 soon as it is computed (_bwd_one_block); off: the loop over query blocks with accumulators. The values
 are the same either way (tested bit for bit); on an H100 one layer's attention at b256 took 0.258 ms
 against the loop's 0.276, and LoRA b256 trained at 38.2-38.3% MFU against 38.0%."""
-HEADS_PER_PROGRAM = 1
-"""Heads a program takes one after another where one query block covers the key tile under
-self-attention (both passes; the backward with BWD_ONE_BLOCK): each program of the 32- and 64-row tiles
-is short and few fit on an SM, so a loop over heads lets Triton's pipeliner load the next head's rows
-while this one's are computed. Must divide the heads (else 1 is used). The same values whatever it is."""
 
 
 def available() -> bool:
@@ -120,129 +115,98 @@ if triton is not None:
         return tl.where(key_in[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
 
     @triton.jit
-    def _fwd_rows(q_ptr, o_ptr, lse_ptr, k, v, kt, vt, key_in, tail_in, qstart, queries, m0, seq, h, seed,
-                  sq, so, H, scale_log2, threshold, inv_keep, BN: tl.constexpr, BT: tl.constexpr,
-                  BM: tl.constexpr, D: tl.constexpr, DROPOUT: tl.constexpr, OFFSETS: tl.constexpr,
-                  ROUNDS: tl.constexpr):
-        """Output and log-sum-exp of query rows m0..m0 + BM of one (sequence, head) whose keys and values
-        (k, v and, if BT, the tail's kt, vt) are loaded."""
-        m = m0 + tl.arange(0, BM)
-        q_in = m < queries
-        q = _load_rows(q_ptr, qstart + m, sq, h, D, q_in)
-        s = _scores(q, k, key_in, scale_log2)
-        top = tl.max(s, 1)
-        if BT > 0:
-            st = _scores(q, kt, tail_in, scale_log2)
-            top = tl.maximum(top, tl.max(st, 1))
-        e = tl.exp2(s - top[:, None])
-        total = tl.sum(e, 1)
-        if BT > 0:
-            et = tl.exp2(st - top[:, None])
-            total += tl.sum(et, 1)
-        p = e / total[:, None]
-        tl.store(lse_ptr + (qstart + m) * H + h, top + tl.log2(total), mask=q_in)
-        if DROPOUT:
-            keep = _keep(seed, seq, h, H, m0, threshold, BM, BN, BN + BT, 0, OFFSETS, ROUNDS)
-            p = tl.where(keep, p * inv_keep, 0.0)
-        o = tl.dot(p.to(v.dtype), v)
-        if BT > 0:
-            pt = et / total[:, None]
-            if DROPOUT:
-                keep_t = _keep(seed, seq, h, H, m0, threshold, BM, BT, BN + BT, BN, OFFSETS, ROUNDS)
-                pt = tl.where(keep_t, pt * inv_keep, 0.0)
-            o += tl.dot(pt.to(v.dtype), vt)
-        _store_rows(o_ptr, qstart + m, so, h, D, q_in, o)
-
-    @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr,
                     sq, sk, sv, so, H, scale_log2, threshold, inv_keep,
                     LO: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr, HP: tl.constexpr):
-        """Sequences of LO < length <= BN + BT keys: a key tile of BN rows and, if BT, a tail of BT rows.
-        HP > 1 (only where one block of BM query rows holds all of a sequence's queries, no tail): HP heads
-        a program, one after another in a loop whose loads Triton's pipeliner issues ahead."""
-        seq, hb = tl.program_id(0), tl.program_id(1)
+                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
+        """Sequences of LO < length <= BN + BT keys: a key tile of BN rows and, if BT, a tail of BT rows."""
+        seq, h = tl.program_id(0), tl.program_id(1)
         kstart, length = _span(cuk_ptr, seq)
         if (length > LO) & (length <= BN + BT):
             qstart, queries = _span(cuq_ptr, seq)
             n = tl.arange(0, BN)
             key_in = n < length
+            k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
+            v = _load_rows(v_ptr, kstart + n, sv, h, D, key_in)
+            if BT > 0:
+                t = BN + tl.arange(0, BT)
+                tail_in = t < length
+                kt = _load_rows(k_ptr, kstart + t, sk, h, D, tail_in)
+                vt = _load_rows(v_ptr, kstart + t, sv, h, D, tail_in)
             seed = tl.load(seed_ptr) if DROPOUT else 0
-            if HP > 1:
-                for h in tl.range(hb * HP, hb * HP + HP):
-                    k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
-                    v = _load_rows(v_ptr, kstart + n, sv, h, D, key_in)
-                    _fwd_rows(q_ptr, o_ptr, lse_ptr, k, v, k, v, key_in, key_in, qstart, queries, 0, seq, h,
-                              seed, sq, so, H, scale_log2, threshold, inv_keep, BN, 0, BM, D, DROPOUT,
-                              OFFSETS, ROUNDS)
-            else:
-                h = hb
-                k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
-                v = _load_rows(v_ptr, kstart + n, sv, h, D, key_in)
-                kt, vt, tail_in = k, v, key_in
+            for m0 in range(0, queries, BM):
+                m = m0 + tl.arange(0, BM)
+                q_in = m < queries
+                q = _load_rows(q_ptr, qstart + m, sq, h, D, q_in)
+                s = _scores(q, k, key_in, scale_log2)
+                top = tl.max(s, 1)
                 if BT > 0:
-                    t = BN + tl.arange(0, BT)
-                    tail_in = t < length
-                    kt = _load_rows(k_ptr, kstart + t, sk, h, D, tail_in)
-                    vt = _load_rows(v_ptr, kstart + t, sv, h, D, tail_in)
-                for m0 in range(0, queries, BM):
-                    _fwd_rows(q_ptr, o_ptr, lse_ptr, k, v, kt, vt, key_in, tail_in, qstart, queries, m0, seq, h,
-                              seed, sq, so, H, scale_log2, threshold, inv_keep, BN, BT, BM, D, DROPOUT,
-                              OFFSETS, ROUNDS)
+                    st = _scores(q, kt, tail_in, scale_log2)
+                    top = tl.maximum(top, tl.max(st, 1))
+                e = tl.exp2(s - top[:, None])
+                total = tl.sum(e, 1)
+                if BT > 0:
+                    et = tl.exp2(st - top[:, None])
+                    total += tl.sum(et, 1)
+                p = e / total[:, None]
+                tl.store(lse_ptr + (qstart + m) * H + h, top + tl.log2(total), mask=q_in)
+                if DROPOUT:
+                    keep = _keep(seed, seq, h, H, m0, threshold, BM, BN, BN + BT, 0, OFFSETS, ROUNDS)
+                    p = tl.where(keep, p * inv_keep, 0.0)
+                o = tl.dot(p.to(v.dtype), v)
+                if BT > 0:
+                    pt = et / total[:, None]
+                    if DROPOUT:
+                        keep_t = _keep(seed, seq, h, H, m0, threshold, BM, BT, BN + BT, BN, OFFSETS, ROUNDS)
+                        pt = tl.where(keep_t, pt * inv_keep, 0.0)
+                    o += tl.dot(pt.to(v.dtype), vt)
+                _store_rows(o_ptr, qstart + m, so, h, D, q_in, o)
 
     @triton.jit
-    def _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
+    def _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
                        sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep, seq, h,
-                       kstart, length, qstart, queries, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+                       kstart, length, LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
                        DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
-        """_bwd_kernel's work for head h of a sequence whose queries one block of BM >= BN query rows holds
+        """_bwd_kernel's work where one block of BM >= BN query rows holds all of a sequence's queries
         (self-attention): no loop and no key/value gradient accumulators; each gradient is stored as soon
         as it is computed, so fewer tiles are live at once. The same operations, so the same values."""
-        n = tl.arange(0, BN)
-        key_in = n < length
-        m = tl.arange(0, BM)
-        q_in = m < queries
-        q = _load_rows(q_ptr, qstart + m, sq, h, D, q_in)
-        k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
-        g = _load_rows(g_ptr, qstart + m, sg, h, D, q_in)
-        lse = tl.load(lse_ptr + (qstart + m) * H + h, mask=q_in, other=float("inf"))
-        p = tl.exp2(_scores(q, k, key_in, scale_log2) - lse[:, None])
-        if DROPOUT:
-            keep = _keep(tl.load(seed_ptr), seq, h, H, 0, threshold, BM, BN, BN, 0, OFFSETS, ROUNDS)
-            pd = tl.where(keep, p * inv_keep, 0.0)
-        else:
-            pd = p
-        _store_rows(dv_ptr, kstart + n, sdv, h, D, key_in, tl.dot(tl.trans(pd.to(g.dtype)), g))
-        dp = tl.dot(g, tl.trans(_load_rows(v_ptr, kstart + n, sv, h, D, key_in)))
-        if DROPOUT:
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = (p * (dp - tl.sum(p * dp, 1)[:, None])).to(q.dtype)
-        _store_rows(dq_ptr, qstart + m, sdq, h, D, q_in, tl.dot(ds, k) * scale)
-        _store_rows(dk_ptr, kstart + n, sdk, h, D, key_in, tl.dot(tl.trans(ds), q) * scale)
+        if (length > LO) & (length <= BN):
+            qstart, queries = _span(cuq_ptr, seq)
+            n = tl.arange(0, BN)
+            key_in = n < length
+            m = tl.arange(0, BM)
+            q_in = m < queries
+            q = _load_rows(q_ptr, qstart + m, sq, h, D, q_in)
+            k = _load_rows(k_ptr, kstart + n, sk, h, D, key_in)
+            g = _load_rows(g_ptr, qstart + m, sg, h, D, q_in)
+            lse = tl.load(lse_ptr + (qstart + m) * H + h, mask=q_in, other=float("inf"))
+            p = tl.exp2(_scores(q, k, key_in, scale_log2) - lse[:, None])
+            if DROPOUT:
+                keep = _keep(tl.load(seed_ptr), seq, h, H, 0, threshold, BM, BN, BN, 0, OFFSETS, ROUNDS)
+                pd = tl.where(keep, p * inv_keep, 0.0)
+            else:
+                pd = p
+            _store_rows(dv_ptr, kstart + n, sdv, h, D, key_in, tl.dot(tl.trans(pd.to(g.dtype)), g))
+            dp = tl.dot(g, tl.trans(_load_rows(v_ptr, kstart + n, sv, h, D, key_in)))
+            if DROPOUT:
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            ds = (p * (dp - tl.sum(p * dp, 1)[:, None])).to(q.dtype)
+            _store_rows(dq_ptr, qstart + m, sdq, h, D, q_in, tl.dot(ds, k) * scale)
+            _store_rows(dk_ptr, kstart + n, sdk, h, D, key_in, tl.dot(tl.trans(ds), q) * scale)
 
     @triton.jit
     def _bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
                     sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep,
                     LO: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                    HP: tl.constexpr):
+                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr, ONE_BLOCK: tl.constexpr):
         """Sequences of LO < length <= BN + BT keys: a key tile of BN rows and, if BT, a tail of BT rows
-        (ONE_BLOCK only without a tail; HP > 1 heads a program only with ONE_BLOCK, as in _fwd_kernel)."""
-        seq, hb = tl.program_id(0), tl.program_id(1)
-        h = hb
+        (ONE_BLOCK only without a tail)."""
+        seq, h = tl.program_id(0), tl.program_id(1)
         kstart, length = _span(cuk_ptr, seq)
         if ONE_BLOCK:
-            if (length > LO) & (length <= BN):
-                qstart, queries = _span(cuq_ptr, seq)
-                if HP > 1:
-                    for h in tl.range(hb * HP, hb * HP + HP):
-                        _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
-                                       sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep,
-                                       seq, h, kstart, length, qstart, queries, BN, BM, D, DROPOUT, OFFSETS, ROUNDS)
-                else:
-                    _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
-                                   sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep,
-                                   seq, hb, kstart, length, qstart, queries, BN, BM, D, DROPOUT, OFFSETS, ROUNDS)
+            _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
+                           sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep, seq, h,
+                           kstart, length, LO, BN, BM, D, DROPOUT, OFFSETS, ROUNDS)
         elif (length > LO) & (length <= BN + BT):
             qstart, queries = _span(cuq_ptr, seq)
             n = tl.arange(0, BN)
@@ -319,10 +283,6 @@ def _launches(max_len: int):
     return out
 
 
-def _heads_per_program(heads: int) -> int:
-    return HEADS_PER_PROGRAM if HEADS_PER_PROGRAM > 0 and heads % HEADS_PER_PROGRAM == 0 else 1
-
-
 def _dropout_args(dropout: float) -> tuple[int, float]:
     return round(dropout * 65536), (1.0 / (1.0 - dropout) if dropout < 1.0 else 0.0)
 
@@ -339,15 +299,13 @@ def _attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     seed = (torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=query.device) if dropout > 0
             else torch.zeros(1, dtype=torch.int64, device=query.device))  # zeros: the op's outputs are deterministic
     threshold, inv_keep = _dropout_args(dropout)
-    self_attention = cu_q.data_ptr() == cu_k.data_ptr()
     for low, tile, tail in _launches(max_len):
         block, warps, stages = _FWD_CONFIG[tile + tail]
-        hp = _heads_per_program(heads) if self_attention and block >= tile and tail == 0 else 1
-        _fwd_kernel[(cu_k.numel() - 1, heads // hp)](
+        _fwd_kernel[(cu_k.numel() - 1, heads)](
             query, key, value, out, lse, cu_q, cu_k, seed,
             query.stride(0), key.stride(0), value.stride(0), out.stride(0), heads, scale * 1.4426950408889634,
             threshold, inv_keep, LO=low, BN=tile, BT=tail, BM=block, D=dim, DROPOUT=dropout > 0,
-            OFFSETS=_OFFSETS_PER_PROGRAM, ROUNDS=_PHILOX_ROUNDS, HP=hp, num_warps=warps, num_stages=stages)
+            OFFSETS=_OFFSETS_PER_PROGRAM, ROUNDS=_PHILOX_ROUNDS, num_warps=warps, num_stages=stages)
     return out, lse, seed
 
 
@@ -385,14 +343,13 @@ def _attention_bwd(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, v
     one_block = BWD_ONE_BLOCK and cu_q.data_ptr() == cu_k.data_ptr()
     for low, tile, tail in _launches(max_len):
         block, warps, stages = _BWD_CONFIG[tile + tail]
-        one = one_block and block >= tile and tail == 0
-        hp = _heads_per_program(heads) if one else 1
-        _bwd_kernel[(cu_k.numel() - 1, heads // hp)](
+        _bwd_kernel[(cu_k.numel() - 1, heads)](
             query, key, value, grad, lse, cu_q, cu_k, seed, dq, dk, dv,
             query.stride(0), key.stride(0), value.stride(0), grad.stride(0), dq.stride(0), dk.stride(0), dv.stride(0),
             heads, scale, scale * 1.4426950408889634, threshold, inv_keep,
             LO=low, BN=tile, BT=tail, BM=block, D=dim, DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM,
-            ROUNDS=_PHILOX_ROUNDS, ONE_BLOCK=one, HP=hp, num_warps=warps, num_stages=stages)
+            ROUNDS=_PHILOX_ROUNDS, ONE_BLOCK=one_block and block >= tile and tail == 0, num_warps=warps,
+            num_stages=stages)
     return out
 
 
