@@ -37,6 +37,7 @@ TILES = (32, 64, 128, 256)
 _OFFSETS_PER_PROGRAM = max(TILES) * max(TILES) // 8  # Philox counters one (sequence, head) may use
 _PHILOX_ROUNDS = 10  # Philox4x32-10, as cuRAND's and torch's CUDA generator
 SEED_BOUND = 2**62  # the dropout seeds' range (Philox's key is 64 bits)
+_MAX_BOUNDS = 5  # launches (with TAILS: 32, 64, 64 + 16, 64 + 32, 128, 256 rows) less one
 TAILS = False
 """Sequences of 65-96 tokens in a 64-row key tile and a tail of 16 or 32 rows (launches for 65-80 and
 81-96) instead of the 128-row tile: on MRPC ~92% of the sequences past 64 tokens are at most 80 long,
@@ -308,6 +309,24 @@ if triton is not None:
                      sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep, i, h,
                      LO, BN, BT, BM, D, DROPOUT, OFFSETS, ROUNDS, ONE_BLOCK)
 
+    @triton.jit
+    def _work_kernel(cu_ptr, work_ptr, S, B0, B1, B2, B3, B4, NL: tl.constexpr, BLOCK: tl.constexpr):
+        """_work_list's one program: each sequence's launch from its length against the launches' upper
+        bounds B0.. (the unused ones past every length), then the sequences of launch 0, 1, ... in order,
+        each placed by a running count (a stable sort on the launch)."""
+        i = tl.arange(0, BLOCK)
+        inside = i < S
+        lengths = tl.load(cu_ptr + i + 1, mask=inside, other=0) - tl.load(cu_ptr + i, mask=inside, other=0)
+        which = ((lengths > B0).to(tl.int32) + (lengths > B1).to(tl.int32) + (lengths > B2).to(tl.int32)
+                 + (lengths > B3).to(tl.int32) + (lengths > B4).to(tl.int32))
+        tl.store(work_ptr, 0)
+        first = 0
+        for launch in tl.static_range(NL):
+            mine = ((which == launch) & inside).to(tl.int32)
+            tl.store(work_ptr + NL + 1 + first + tl.cumsum(mine, 0) - 1, i, mask=mine > 0)
+            first += tl.sum(mine, 0)
+            tl.store(work_ptr + launch + 1, first)
+
 def _launches(max_len: int):
     """(lowest length exclusive, key tile, tail rows) for each launch that sequences up to ``max_len``
     need; with TAILS, lengths 65-96 in a 64-row tile and a tail instead of the 128-row tile."""
@@ -324,15 +343,15 @@ def _launches(max_len: int):
 
 
 def _work_list(cu: torch.Tensor, launches: list) -> torch.Tensor:
-    """For WORK_LISTS, on the device: int32 [where each launch's sequences begin in the list (one entry
-    a launch, and the end) | the sequences, those of each launch together]."""
-    lengths = cu[1:] - cu[:-1]
-    which = torch.zeros_like(lengths)  # each sequence's launch
-    for _, tile, tail in launches[:-1]:
-        which += lengths > tile + tail
-    order = torch.argsort(which, stable=True).to(torch.int32)
-    counts = (which[None, :] == torch.arange(len(launches), device=cu.device, dtype=which.dtype)[:, None]).sum(1)
-    return torch.cat([torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32), order])
+    """For WORK_LISTS, built on the device by one program: int32 [where each launch's sequences begin in
+    the list (one entry a launch, and the end) | the sequences, those of each launch together in order]."""
+    sequences = cu.numel() - 1
+    work = torch.empty(len(launches) + 1 + sequences, dtype=torch.int32, device=cu.device)
+    highs = [tile + tail for _, tile, tail in launches[:-1]]
+    highs += [2**30] * (_MAX_BOUNDS - len(highs))
+    _work_kernel[(1,)](cu, work, sequences, *highs, NL=len(launches),
+                       BLOCK=max(16, triton.next_power_of_2(sequences)), num_warps=4)
+    return work
 
 
 _SLOTS: dict = {}  # launch -> how many of its programs the GPU holds at once (WORK_LISTS)
