@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-_COMMON = {"cuq_ptr": "*i32", "cuk_ptr": "*i32", "seed_ptr": "*i64", "work_ptr": "*i32", "H": "i32",
-           "scale_log2": "fp32", "threshold": "i32", "inv_keep": "fp32", "launch": "i32", "order_at": "i32"}
+_COMMON = {"cuq_ptr": "*i32", "cuk_ptr": "*i32", "seed_ptr": "*i64", "H": "i32", "scale_log2": "fp32",
+           "threshold": "i32", "inv_keep": "fp32"}
 _FWD = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32", **_COMMON,
         "sq": "i32", "sk": "i32", "sv": "i32", "so": "i32"}
 _BWD = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "g_ptr": "*bf16", "lse_ptr": "*fp32", **_COMMON,
@@ -63,7 +63,6 @@ def main() -> None:
     ap.add_argument("--stages", type=int)
     ap.add_argument("--one-block", action="store_true", help="the backward's one-block path")
     ap.add_argument("--tails", action="store_true", help="the launches as with short_attention.TAILS")
-    ap.add_argument("--work-lists", action="store_true", help="the kernels as with short_attention.WORK_LISTS")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     from seqcls import short_attention as sa
@@ -79,8 +78,7 @@ def main() -> None:
             block, warps, stages = configs.get(tile + tail, (None, None, None))
             block, warps, stages = args.block or block, args.warps or warps, args.stages or stages
             constants = {"LO": low, "BN": tile, "BT": tail, "BM": block, "D": args.head_dim, "DROPOUT": True,
-                         "OFFSETS": sa._OFFSETS_PER_PROGRAM, "ROUNDS": sa._PHILOX_ROUNDS,
-                         "WORK": bool(args.work_lists or sa.WORK_LISTS)}
+                         "OFFSETS": sa._OFFSETS_PER_PROGRAM, "ROUNDS": sa._PHILOX_ROUNDS}
             one = ""
             if name == "backward":
                 constants["ONE_BLOCK"] = bool(args.one_block or sa.BWD_ONE_BLOCK) and block >= tile and not tail

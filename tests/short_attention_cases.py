@@ -191,54 +191,6 @@ def one_block() -> dict:
     return out
 
 
-def work_lists() -> dict:
-    """short_attention.WORK_LISTS: the list built for a batch (where each launch's sequences begin, and
-    the sequences of each launch together, in their order), and the output and gradients without it,
-    bit for bit, with dropout, fused and not, and with one query a sequence (the first-token layer), with
-    two programs a launch walking its list (as when the GPU's slots are fewer than the sequences)."""
-    import seqcls.short_attention as sa
-    torch.manual_seed(0)
-    heads, dim = 2, 16
-    lens = [5, 33, 1, 70, 17, 0, 64, 40]  # a 0-length filler, as the packing adds
-    cu, tokens = packed(lens)
-    qkv = torch.randn(tokens, 3 * heads * dim).half()
-    grad = torch.randn(tokens, heads, dim).half()
-    cu_q = torch.tensor([0, 1, 2, 3, 4, 5, 5, 6, 7], dtype=torch.int32)  # one query a sequence, none for the filler
-    first = qkv[cu[:-1].long().clamp(max=tokens - 1), : heads * dim].reshape(len(lens), heads, dim)[[0, 1, 2, 3, 4, 6, 7]]
-    setting, programs = sa.WORK_LISTS, sa._programs
-
-    def run(fused, cross=False):
-        torch.manual_seed(3)  # the dropout seed is drawn from torch's generator
-        if cross:
-            k, v = (t.reshape(tokens, heads, dim).contiguous().requires_grad_() for t in qkv[:, heads * dim:].chunk(2, -1))
-            q = first.contiguous().requires_grad_()
-            o = sa.short_attention(q, k, v, cu_q, cu, 128, dropout=0.2, scale=dim ** -0.5)
-            o.backward(grad[:7])
-            return o, q.grad, k.grad, v.grad
-        if fused:
-            x = qkv.clone().requires_grad_()
-            o = sa.short_self_attention(x, dim, cu, 128, dropout=0.2, scale=dim ** -0.5)
-            o.backward(grad)
-            return o, x.grad
-        parts = [t.reshape(tokens, heads, dim).contiguous().requires_grad_() for t in qkv.chunk(3, dim=-1)]
-        o = sa.short_attention(*parts, cu, cu, 128, dropout=0.2, scale=dim ** -0.5)
-        o.backward(grad)
-        return (o, *(t.grad for t in parts))
-
-    out = {"list": sa._work_list(cu, sa._launches(128)).tolist(), "same": {}}
-    try:
-        for name, args in (("fused", (True,)), ("parts", (False,)), ("cross", (False, True))):
-            sa.WORK_LISTS, sa._programs = False, programs
-            ref = run(*args)
-            sa.WORK_LISTS, sa._programs = True, lambda key, sequences, heads: min(sequences, 2)
-            got = run(*args)
-            out["same"][name] = all(torch.equal(a, b) for a, b in zip(got, ref))
-            out["nonzero_" + name] = bool(ref[1].abs().sum() > 0)
-    finally:
-        sa.WORK_LISTS, sa._programs = setting, programs
-    return out
-
-
 def opcheck() -> dict:
     """torch.library.opcheck of both ops without dropout (schema, fake implementations against the
     kernels' outputs, autograd registration, tracing by AOTAutograd): a list of failures, empty if none."""
@@ -364,5 +316,4 @@ def mask_bits() -> dict:
 
 if __name__ == "__main__":
     print(json.dumps({"match": match, "cross": cross, "dropout": dropout, "opcheck": opcheck, "masks": masks,
-                      "mask_bits": mask_bits, "one_block": one_block, "tails": tails,
-                      "work_lists": work_lists}[sys.argv[1]]()))
+                      "mask_bits": mask_bits, "one_block": one_block, "tails": tails}[sys.argv[1]]()))

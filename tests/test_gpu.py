@@ -262,35 +262,6 @@ def test_short_attention_one_block_backward_gives_the_loops_gradients(dropout):
     assert torch.equal(grads[0], grads[1])
 
 
-def test_short_attention_work_lists_give_the_same_values():
-    """seqcls.short_attention.WORK_LISTS compiled for the GPU, on 600 sequences of MRPC-like lengths (more
-    than the GPU holds programs of a launch, so programs walk several): the output and the fused
-    projection's gradient without it, bit for bit, with dropout, and fewer programs than sequences."""
-    import seqcls.short_attention as sa
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    lens = torch.randint(5, 110, (600,))
-    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32).to(dev)
-    qkv = torch.randn(int(lens.sum()), 3 * 16 * 64, device=dev, dtype=torch.bfloat16)
-    grad = torch.randn(int(lens.sum()), 16, 64, device=dev, dtype=torch.bfloat16)
-    results, setting = [], sa.WORK_LISTS
-    try:
-        for work in (False, True, True):  # the second with the programs the first noted the GPU holds
-            sa.WORK_LISTS = work
-            torch.cuda.manual_seed(0)
-            x = qkv.clone().requires_grad_()
-            out = sa.short_self_attention(x, 64, cu, int(lens.max()), dropout=0.1, scale=0.125)
-            out.backward(grad)
-            results.append((out, x.grad))
-        programs = {key[:2]: sa._programs(key, 600, 16) for key in sa._SLOTS}
-    finally:
-        sa.WORK_LISTS = setting
-    assert results[0][1].abs().sum() > 0
-    for out, g in results[1:]:
-        assert torch.equal(out, results[0][0]) and torch.equal(g, results[0][1])
-    assert len(programs) == 6 and all(0 < n < 600 for n in programs.values()), programs
-
-
 def test_short_attention_tails_give_the_128_row_tiles_values():
     """seqcls.short_attention.TAILS (lengths 65-96 in a 64-row key tile and a tail of 16 or 32 rows)
     compiled for the GPU: the output and the fused projection's gradient of the 128-row tile, up to the

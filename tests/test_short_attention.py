@@ -73,15 +73,6 @@ def test_the_one_block_backward_gives_the_loops_gradients_where_a_query_block_co
         assert paths == expected, (name, paths)
 
 
-def test_work_lists_give_each_launch_its_sequences_and_the_same_values():
-    r = run_case("work_lists")
-    # lengths 5, 33, 1, 70, 17, 0, 64, 40: launches up to 32, 64 and 128 keys; where each launch's part of
-    # the list begins, then the sequences of each launch in their order (the 0-length filler with the first)
-    assert r["list"] == [0, 4, 7, 8] + [0, 2, 4, 5] + [1, 6, 7] + [3], r
-    assert r["same"] == {"fused": True, "parts": True, "cross": True}, r
-    assert all(v for k, v in r.items() if k.startswith("nonzero_")), r
-
-
 def test_the_custom_ops_fake_implementations_and_autograd_pass_torch_opcheck():
     assert run_case("opcheck")["failures"] == []
 

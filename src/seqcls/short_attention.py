@@ -37,7 +37,6 @@ TILES = (32, 64, 128, 256)
 _OFFSETS_PER_PROGRAM = max(TILES) * max(TILES) // 8  # Philox counters one (sequence, head) may use
 _PHILOX_ROUNDS = 10  # Philox4x32-10, as cuRAND's and torch's CUDA generator
 SEED_BOUND = 2**62  # the dropout seeds' range (Philox's key is 64 bits)
-_MAX_BOUNDS = 5  # launches (with TAILS: 32, 64, 64 + 16, 64 + 32, 128, 256 rows) less one
 TAILS = False
 """Sequences of 65-96 tokens in a 64-row key tile and a tail of 16 or 32 rows (launches for 65-80 and
 81-96) instead of the 128-row tile: on MRPC ~92% of the sequences past 64 tokens are at most 80 long,
@@ -56,12 +55,6 @@ BWD_ONE_BLOCK = True
 soon as it is computed (_bwd_one_block); off: the loop over query blocks with accumulators. The values
 are the same either way (tested bit for bit); on an H100 one layer's attention at b256 took 0.258 ms
 against the loop's 0.276, and LoRA b256 trained at 38.2-38.3% MFU against 38.0%."""
-WORK_LISTS = False
-"""Each launch's programs walk a list of its own sequences (_work_list, built on the device at each call)
-instead of one program per sequence and head in every launch, most of which find their sequence in
-another launch's range and exit: at MRPC b256 ~2 of 3 programs a pass. With it a launch has as many
-programs as the GPU holds at once (from the compiled kernel's registers and shared memory), each taking
-sequences i, i + programs, ... The same values either way."""
 
 
 def available() -> bool:
@@ -122,12 +115,12 @@ if triton is not None:
         return tl.where(key_in[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
 
     @triton.jit
-    def _fwd_seq(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr,
-                 sq, sk, sv, so, H, scale_log2, threshold, inv_keep, seq, h,
-                 LO: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-                 DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
-        """Head h of sequence ``seq`` if it has LO < length <= BN + BT keys: a key tile of BN rows and, if
-        BT, a tail of BT rows."""
+    def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr,
+                    sq, sk, sv, so, H, scale_log2, threshold, inv_keep,
+                    LO: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr):
+        """Sequences of LO < length <= BN + BT keys: a key tile of BN rows and, if BT, a tail of BT rows."""
+        seq, h = tl.program_id(0), tl.program_id(1)
         kstart, length = _span(cuk_ptr, seq)
         if (length > LO) & (length <= BN + BT):
             qstart, queries = _span(cuq_ptr, seq)
@@ -170,26 +163,6 @@ if triton is not None:
                 _store_rows(o_ptr, qstart + m, so, h, D, q_in, o)
 
     @triton.jit
-    def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, work_ptr,
-                    sq, sk, sv, so, H, scale_log2, threshold, inv_keep, launch, order_at,
-                    LO: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr, WORK: tl.constexpr):
-        """Program (i, h): sequence i (WORK off), or (WORK) the launch's sequences i, i + programs, ...
-        of its list in ``work_ptr`` (_work_list)."""
-        i, h = tl.program_id(0), tl.program_id(1)
-        if WORK:
-            # disable_licm: hoisting the body's invariants out of the loop costs registers (150 -> 220 a
-            # thread in the 64-row backward under Triton 3.6), so fewer programs fit on an SM
-            for w in tl.range(tl.load(work_ptr + launch) + i, tl.load(work_ptr + launch + 1), tl.num_programs(0),
-                              num_stages=1, disable_licm=True):
-                _fwd_seq(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, sq, sk, sv, so, H,
-                         scale_log2, threshold, inv_keep, tl.load(work_ptr + order_at + w), h,
-                         LO, BN, BT, BM, D, DROPOUT, OFFSETS, ROUNDS)
-        else:
-            _fwd_seq(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, sq, sk, sv, so, H,
-                     scale_log2, threshold, inv_keep, i, h, LO, BN, BT, BM, D, DROPOUT, OFFSETS, ROUNDS)
-
-    @triton.jit
     def _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
                        sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep, seq, h,
                        kstart, length, LO: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
@@ -222,12 +195,13 @@ if triton is not None:
             _store_rows(dk_ptr, kstart + n, sdk, h, D, key_in, tl.dot(tl.trans(ds), q) * scale)
 
     @triton.jit
-    def _bwd_seq(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
-                 sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep, seq, h,
-                 LO: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-                 DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr, ONE_BLOCK: tl.constexpr):
-        """Head h of sequence ``seq`` if it has LO < length <= BN + BT keys: a key tile of BN rows and, if
-        BT, a tail of BT rows (ONE_BLOCK only without a tail)."""
+    def _bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
+                    sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep,
+                    LO: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr, ONE_BLOCK: tl.constexpr):
+        """Sequences of LO < length <= BN + BT keys: a key tile of BN rows and, if BT, a tail of BT rows
+        (ONE_BLOCK only without a tail)."""
+        seq, h = tl.program_id(0), tl.program_id(1)
         kstart, length = _span(cuk_ptr, seq)
         if ONE_BLOCK:
             _bwd_one_block(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
@@ -293,43 +267,6 @@ if triton is not None:
                 _store_rows(dk_ptr, kstart + t, sdk, h, D, tail_in, dkt * scale)
                 _store_rows(dv_ptr, kstart + t, sdv, h, D, tail_in, dvt)
 
-    @triton.jit
-    def _bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, work_ptr, dq_ptr, dk_ptr, dv_ptr,
-                    sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep, launch, order_at,
-                    LO: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-                    DROPOUT: tl.constexpr, OFFSETS: tl.constexpr, ROUNDS: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                    WORK: tl.constexpr):
-        """Program (i, h) as in _fwd_kernel."""
-        i, h = tl.program_id(0), tl.program_id(1)
-        if WORK:
-            for w in tl.range(tl.load(work_ptr + launch) + i, tl.load(work_ptr + launch + 1), tl.num_programs(0),
-                              num_stages=1, disable_licm=True):
-                _bwd_seq(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
-                         sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep,
-                         tl.load(work_ptr + order_at + w), h, LO, BN, BT, BM, D, DROPOUT, OFFSETS, ROUNDS, ONE_BLOCK)
-        else:
-            _bwd_seq(q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, cuq_ptr, cuk_ptr, seed_ptr, dq_ptr, dk_ptr, dv_ptr,
-                     sq, sk, sv, sg, sdq, sdk, sdv, H, scale, scale_log2, threshold, inv_keep, i, h,
-                     LO, BN, BT, BM, D, DROPOUT, OFFSETS, ROUNDS, ONE_BLOCK)
-
-    @triton.jit
-    def _work_kernel(cu_ptr, work_ptr, S, B0, B1, B2, B3, B4, NL: tl.constexpr, BLOCK: tl.constexpr):
-        """_work_list's one program: each sequence's launch from its length against the launches' upper
-        bounds B0.. (the unused ones past every length), then the sequences of launch 0, 1, ... in order,
-        each placed by a running count (a stable sort on the launch)."""
-        i = tl.arange(0, BLOCK)
-        inside = i < S
-        lengths = tl.load(cu_ptr + i + 1, mask=inside, other=0) - tl.load(cu_ptr + i, mask=inside, other=0)
-        which = ((lengths > B0).to(tl.int32) + (lengths > B1).to(tl.int32) + (lengths > B2).to(tl.int32)
-                 + (lengths > B3).to(tl.int32) + (lengths > B4).to(tl.int32))
-        tl.store(work_ptr, 0)
-        first = 0
-        for launch in tl.static_range(NL):
-            mine = ((which == launch) & inside).to(tl.int32)
-            tl.store(work_ptr + NL + 1 + first + tl.cumsum(mine, 0) - 1, i, mask=mine > 0)
-            first += tl.sum(mine, 0)
-            tl.store(work_ptr + launch + 1, first)
-
 
 def _launches(max_len: int):
     """(lowest length exclusive, key tile, tail rows) for each launch that sequences up to ``max_len``
@@ -344,44 +281,6 @@ def _launches(max_len: int):
         out.append((low, tile, tail))
         low = tile + tail
     return out
-
-
-def _work_list(cu: torch.Tensor, launches: list) -> torch.Tensor:
-    """For WORK_LISTS, built on the device by one program: int32 [where each launch's sequences begin in
-    the list (one entry a launch, and the end) | the sequences, those of each launch together in order]."""
-    sequences = cu.numel() - 1
-    work = torch.empty(len(launches) + 1 + sequences, dtype=torch.int32, device=cu.device)
-    highs = [tile + tail for _, tile, tail in launches[:-1]]
-    highs += [2**30] * (_MAX_BOUNDS - len(highs))
-    _work_kernel[(1,)](cu, work, sequences, *highs, NL=len(launches),
-                       BLOCK=max(16, triton.next_power_of_2(sequences)), num_warps=4)
-    return work
-
-
-_SLOTS: dict = {}  # launch -> how many of its programs the GPU holds at once (WORK_LISTS)
-
-
-def _programs(key: tuple, sequences: int, heads: int) -> int:
-    """Programs along the sequences of a launch: all of them, or with WORK_LISTS (once the launch's
-    kernel has run once) as many as fill the GPU's slots with ``heads`` programs each."""
-    if not WORK_LISTS or key not in _SLOTS:
-        return sequences
-    return max(1, min(sequences, -(-_SLOTS[key] // heads)))
-
-
-def _note_slots(key: tuple, compiled) -> None:
-    """Programs of a compiled kernel the GPU holds at once: SMs x the fewest that registers, shared memory
-    and threads allow on one (registers allocated per warp in units of 256)."""
-    if not WORK_LISTS or key in _SLOTS or not hasattr(compiled, "n_regs") or key[-1].type != "cuda":
-        return
-    index = key[-1].index if key[-1].index is not None else torch.cuda.current_device()
-    props = triton.runtime.driver.active.utils.get_device_properties(index)
-    warps = compiled.metadata.num_warps
-    regs = -(-compiled.n_regs * 32 // 256) * 256 * warps
-    on_one = min(props["max_num_regs"] // max(regs, 1),  # an SM's registers (65,536 on sm_80-sm_100)
-                 props["max_shared_mem"] // max(compiled.metadata.shared + 1024, 1),  # 1 KiB reserved a program
-                 64 // warps, 32)  # at most 64 warps and 32 programs an SM
-    _SLOTS[key] = max(1, on_one) * props["multiprocessor_count"]
 
 
 def _dropout_args(dropout: float) -> tuple[int, float]:
@@ -400,18 +299,13 @@ def _attention_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     seed = (torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=query.device) if dropout > 0
             else torch.zeros(1, dtype=torch.int64, device=query.device))  # zeros: the op's outputs are deterministic
     threshold, inv_keep = _dropout_args(dropout)
-    launches = _launches(max_len)
-    work = _work_list(cu_k, launches) if WORK_LISTS else cu_k
-    for i, (low, tile, tail) in enumerate(launches):
+    for low, tile, tail in _launches(max_len):
         block, warps, stages = _FWD_CONFIG[tile + tail]
-        key_ = ("fwd", tile, tail, block, warps, stages, dim, dropout > 0, query.device)
-        compiled = _fwd_kernel[(_programs(key_, cu_k.numel() - 1, heads), heads)](
-            query, key, value, out, lse, cu_q, cu_k, seed, work,
+        _fwd_kernel[(cu_k.numel() - 1, heads)](
+            query, key, value, out, lse, cu_q, cu_k, seed,
             query.stride(0), key.stride(0), value.stride(0), out.stride(0), heads, scale * 1.4426950408889634,
-            threshold, inv_keep, i, len(launches) + 1, LO=low, BN=tile, BT=tail, BM=block, D=dim,
-            DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM, ROUNDS=_PHILOX_ROUNDS, WORK=WORK_LISTS,
-            num_warps=warps, num_stages=stages)
-        _note_slots(key_, compiled)
+            threshold, inv_keep, LO=low, BN=tile, BT=tail, BM=block, D=dim, DROPOUT=dropout > 0,
+            OFFSETS=_OFFSETS_PER_PROGRAM, ROUNDS=_PHILOX_ROUNDS, num_warps=warps, num_stages=stages)
     return out, lse, seed
 
 
@@ -447,19 +341,15 @@ def _attention_bwd(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, v
     # self-attention (each sequence's queries are its keys) can take the one-block path where a query
     # block covers the key tile
     one_block = BWD_ONE_BLOCK and cu_q.data_ptr() == cu_k.data_ptr()
-    launches = _launches(max_len)
-    work = _work_list(cu_k, launches) if WORK_LISTS else cu_k
-    for i, (low, tile, tail) in enumerate(launches):
+    for low, tile, tail in _launches(max_len):
         block, warps, stages = _BWD_CONFIG[tile + tail]
-        one = one_block and block >= tile and tail == 0
-        key_ = ("bwd", tile, tail, block, warps, stages, dim, dropout > 0, one, query.device)
-        compiled = _bwd_kernel[(_programs(key_, cu_k.numel() - 1, heads), heads)](
-            query, key, value, grad, lse, cu_q, cu_k, seed, work, dq, dk, dv,
+        _bwd_kernel[(cu_k.numel() - 1, heads)](
+            query, key, value, grad, lse, cu_q, cu_k, seed, dq, dk, dv,
             query.stride(0), key.stride(0), value.stride(0), grad.stride(0), dq.stride(0), dk.stride(0), dv.stride(0),
-            heads, scale, scale * 1.4426950408889634, threshold, inv_keep, i, len(launches) + 1,
+            heads, scale, scale * 1.4426950408889634, threshold, inv_keep,
             LO=low, BN=tile, BT=tail, BM=block, D=dim, DROPOUT=dropout > 0, OFFSETS=_OFFSETS_PER_PROGRAM,
-            ROUNDS=_PHILOX_ROUNDS, ONE_BLOCK=one, WORK=WORK_LISTS, num_warps=warps, num_stages=stages)
-        _note_slots(key_, compiled)
+            ROUNDS=_PHILOX_ROUNDS, ONE_BLOCK=one_block and block >= tile and tail == 0, num_warps=warps,
+            num_stages=stages)
     return out
 
 
