@@ -1,5 +1,7 @@
-"""scripts/bench.py's reading of a profiler trace: where the GPU stood idle between its kernels."""
+"""scripts/bench.py's reading of a profiler trace: where the GPU stood idle between its kernels; and
+scripts/attention_registers.py's ahead-of-time compile of the attention kernels."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,12 +46,7 @@ def test_attention_registers_compiles_with_the_launchers_alignment_so_loads_are_
     """scripts/attention_registers.py compiles the attention kernels ahead of time for sm_90 with the
     pointer and stride alignment Triton's launcher tells the compiler of real arguments: the 64-row
     forward's query loads, in a loop of 3 pipeline stages, are then issued ahead (without the alignment
-    none is), and each line reports registers, spills and shared memory."""
-    import importlib.util
-    import subprocess
-    import pytest
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
+    none is), and each line reports registers, spills and shared memory. Triton is a test dependency."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "attention_registers.py"
     done = subprocess.run([sys.executable, str(script), "--tile", "64"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
