@@ -148,6 +148,9 @@ def run_seqcls(args, out: Path) -> dict:
     if args.profile_dir:
         profile_steps(trainer, args)
     trainer.fit()
+    from seqcls import gemm
+    if gemm.ENABLED:
+        print(gemm.summary(), file=sys.stderr)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
     timed = [r for r in rows if args.warmup < r["step"] <= args.warmup + args.steps]

@@ -449,3 +449,51 @@ def test_log_values_are_the_log_steps_and_their_read_does_not_wait_for_the_next_
         if check:
             assert not later.query()
         torch.cuda.synchronize()
+
+
+def test_tuned_gemm_matches_torch_eagerly_in_captures_and_compiled():
+    """seqcls.gemm on the GPU: each shape's tuned product (bias or not, a transposed operand, a slice
+    whose rows lie wider apart than its columns) equals torch's within bf16 rounding; a graph captured
+    after tuning replays it; a shape first met inside a capture runs torch's matmul and is not recorded;
+    tuned_linear's gradients match F.linear's, compiled with a dynamic row count too."""
+    from seqcls import gemm
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    gemm.enable(True)
+    try:
+        x, wide = torch.randn(1000, 256, **bf), torch.randn(1000, 264, **bf)
+        w, bias, g = torch.randn(384, 256, **bf) / 16, torch.randn(384, **bf), torch.randn(1000, 384, **bf)
+        cases = [(x, w.t(), bias), (x, w.t(), None), (g, w, None), (g.t(), x, None), (wide[:, :256], w.t(), bias)]
+        for a, b, c in cases:
+            ref = (a.float() @ b.float() + (0 if c is None else c.float())).to(torch.bfloat16)
+            for _ in range(2):  # tunes, then runs the choice
+                out = gemm.mm(a, b, c)
+                assert (out.float() - ref.float()).abs().max().item() <= 0.02 * ref.abs().max().item()
+        assert len(gemm.choices()) == len(cases)
+        static = torch.empty(1000, 384, **bf)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            gemm.mm(x, w.t(), bias)  # this stream's workspace, before the capture
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph, stream=side):
+            static.copy_(gemm.mm(x, w.t(), bias))
+            unseen = gemm.mm(x[:999], w.t(), bias)  # first met inside the capture: torch's matmul
+        x.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.allclose(static.float(), (x.float() @ w.float().t() + bias.float()), atol=0.1, rtol=0.02)
+        assert unseen.shape == (999, 384) and len(gemm.choices()) == len(cases)
+
+        def loss(f, x, w, b):
+            return f(x, w, b).float().square().mean()
+        compiled = torch.compile(lambda x, w, b: loss(gemm.linear, x, w, b), dynamic=True)
+        for rows in (1000, 1200):
+            xs, ws, bs = (t.detach().clone().requires_grad_() for t in (torch.randn(rows, 256, **bf), w, bias))
+            got = torch.autograd.grad(compiled(xs, ws, bs), (xs, ws, bs))
+            want = torch.autograd.grad(loss(torch.nn.functional.linear, xs, ws, bs), (xs, ws, bs))
+            for a, b in zip(got, want):
+                assert (a.float() - b.float()).abs().max().item() <= 0.02 * b.abs().max().item() + 1e-6
+    finally:
+        gemm.enable(False)

@@ -365,6 +365,13 @@ class CompileConfig:
     not in larger ones (LoRA's one bucket of ~100 small adapter tensors). On an H100 (roberta-large b32):
     full FT +1.3% (2,116 against 2,089 samples/s, two same-machine pairs), LoRA -0.25% when on
     (docs/benchmarks.md)."""
+    tuned_gemm: Optional[bool] = None
+    """The encoder's matrix multiplies (its Linears, the fused query/key/value and LoRA's merged one)
+    through cuBLASLt with the algorithm picked by timing once per shape (seqcls.gemm) instead of torch's
+    matmul, which takes the first algorithm of cuBLAS's heuristic. null: on where the model is compiled on
+    an NVIDIA GPU in one process (no FSDP2). On an H100 (roberta-large LoRA b256, ~13,600 tokens) the
+    fastest candidates ran a layer's eight forward and backward matrix multiplies in 8.7% less time than
+    torch's picks (docs/benchmarks.md)."""
     inductor_options: dict[str, Any] = field(default_factory=dict)
     """Inductor settings for the compiled model or blocks, on top of compile.mode's and combo_kernels
     (torch.compile's ``options``, named as torch._inductor.list_options() names them; nested keys join

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from seqcls import gemm
+
 HEAD_MODULE_NAMES = ("classifier", "score")
 PEFT_PREFIX = "base_model.model."  # what peft puts before every key of a saved adapter
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -105,16 +107,16 @@ class _LoRALinear(torch.autograd.Function):
     def forward(ctx, xu, weight, bias, lora_b, u):
         # xu = [x | u]; u, also apart, is kept for B's gradient (no copy of xu's last columns).
         ctx.save_for_backward(xu[:, :weight.shape[1]] if ctx.needs_input_grad[1] else None, weight, u, lora_b)
-        return F.linear(xu, torch.cat([weight, lora_b], dim=1), bias)
+        return gemm.mm(xu, torch.cat([weight, lora_b], dim=1).t(), bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, u, lora_b = ctx.saved_tensors
         dxu = dweight = dbias = None
         if ctx.needs_input_grad[0]:
-            dxu = grad @ torch.cat([weight, lora_b], dim=1)
+            dxu = gemm.mm(grad, torch.cat([weight, lora_b], dim=1))
         if ctx.needs_input_grad[1]:
-            dweight = grad.t() @ x
+            dweight = gemm.mm(grad.t(), x)
         if ctx.needs_input_grad[2]:
             dbias = grad.sum(0)
         return dxu, dweight, dbias, grad.t() @ u if ctx.needs_input_grad[3] else None, None

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
+from seqcls import gemm
 from seqcls.env import package_dir  # noqa: F401  (re-exported)
 from seqcls.errors import ConfigError
 
@@ -139,6 +140,12 @@ def _encoder_layers(model: PreTrainedModel):
     return layers
 
 
+def tuned_linears(model: PreTrainedModel) -> int:
+    """Make the encoder layers' plain Linears seqcls.gemm.TunedLinear (compile.tuned_gemm); returns how many."""
+    layers = _encoder_layers(model)
+    return 0 if layers is None else gemm.tune_linears(layers)
+
+
 def first_token_last_layer(model: PreTrainedModel) -> bool:
     """Compute the last encoder layer for the first token alone; its keys and values still see every token.
 
@@ -258,7 +265,7 @@ def _self_attention_forward(attn, hidden_states, attention_mask=None, *args, **k
         if merged:
             qkv = merged_lora_linear(rows, weight, bias, adapters)
         else:
-            qkv = F.linear(rows, weight, bias)
+            qkv = gemm.linear(rows, weight, bias)
             if any(a is not None for a in adapters):
                 parts = [p if a is None else p + a.lora_delta(rows) for p, a in zip(qkv.chunk(3, dim=-1), adapters)]
                 qkv = None

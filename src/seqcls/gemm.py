@@ -1,0 +1,349 @@
+"""Matrix multiplies with cuBLASLt's algorithm picked by timing, once per shape (``compile.tuned_gemm``).
+
+torch's matmul takes the first algorithm cuBLAS's heuristic offers for a problem size, and that pick is
+not always the heuristic's fastest: on an H100, at roberta-large's LoRA b256 shapes (~13,600 packed
+tokens), the fastest of the algorithms cuBLASLt's heuristic lists ran a layer's eight forward and backward
+matrix multiplies in 8.7% less time than torch's picks, two of them 20% less (docs/benchmarks.md,
+twenty-ninth session). Here the first call of each shape outside a CUDA-graph capture times torch's own
+matmul and each algorithm the heuristic lists for that shape on the GPU alone (queued behind a spin
+kernel, so host time does not count), checks each against torch's product, and keeps the fastest; later
+calls, captures included, run it. A shape first met inside a capture runs torch's matmul there and is
+timed at its next call outside one; the step graphs warm each shape up before capturing it.
+
+Every candidate accumulates in fp32; they may sum in another order than torch's pick (other tiles,
+split-K), as torch's own picks do from one shape to the next.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger("seqcls")
+
+ENABLED = False
+"""Whether linear() and mm() route CUDA bf16/fp16 matrix multiplies here (seqcls.build sets it per run)."""
+WORKSPACE_BYTES = 32 * 2**20  # cuBLASLt's scratch per stream, as torch gives it on Hopper
+MAX_ALGOS = 16  # the heuristic's candidates asked for
+REPS = 5  # timed runs of a candidate, in each of two rounds
+SPIN_CYCLES = 2_000_000  # ~1 ms of GPU spin ahead of the timed runs, so the host queues them all in time
+_DTYPES = {torch.bfloat16: 14, torch.float16: 2}  # cudaDataType_t
+_TORCH = "torch"  # the choice of torch's own matmul
+
+_lt = None  # (library, handle) once loaded, False when it cannot be
+_choices: dict[tuple, object] = {}  # shape key -> _TORCH or (plan, algorithm index)
+_timings: dict[tuple, tuple[float, float]] = {}  # shape key -> (torch's ms, the choice's ms) when tuned
+_workspaces: dict[tuple, Tensor] = {}  # (device, stream) -> workspace
+
+
+def enable(on: bool) -> None:
+    global ENABLED
+    ENABLED = bool(on)
+
+
+def supported(device: torch.device) -> bool:
+    """Whether cuBLASLt can be reached on this device (CUDA on Linux, torch's own libcublasLt)."""
+    return device.type == "cuda" and torch.version.cuda is not None and _library() is not None
+
+
+def choices() -> dict[tuple, str]:
+    """Each shape tuned so far -> "torch" or "cublaslt #i" (i: the heuristic's rank of the algorithm kept)."""
+    return {k: v if v is _TORCH else f"cublaslt #{v[1]}" for k, v in _choices.items()}
+
+
+def summary() -> str:
+    """One line on the shapes tuned so far: how many kept a cuBLASLt algorithm, and the time of one call
+    of each shape with torch's pick against the choice, as timed when tuning."""
+    if not _timings:
+        return "tuned matmul: no shape tuned"
+    torch_ms, best_ms = (sum(t[i] for t in _timings.values()) for i in (0, 1))
+    kept = sum(v is not _TORCH for v in _choices.values())
+    return (f"tuned matmul: {len(_timings)} shapes, {kept} on a cuBLASLt algorithm; one call of each: torch's picks "
+            f"{torch_ms:.2f} ms, the choices {best_ms:.2f} ms ({100 * (1 - best_ms / torch_ms):.1f}% less)")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear of rows x (n, in), through the tuned matmul where ENABLED and x is a CUDA tensor
+    (under autocast in autocast's dtype, as F.linear computes); otherwise F.linear itself."""
+    if not (ENABLED and x.is_cuda and x.dim() == 2):
+        return F.linear(x, weight, bias)
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return F.linear(x, weight, bias)
+    return torch.ops.seqcls.tuned_linear(x, weight, bias)
+
+
+def mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """a @ b (+ bias over the columns), tuned where ENABLED; no autograd of its own (for backward passes
+    and autograd functions)."""
+    if ENABLED and a.is_cuda and a.dtype in _DTYPES and b.dtype == a.dtype \
+            and (bias is None or bias.dtype == a.dtype):
+        return torch.ops.seqcls.tuned_mm(a, b, bias)
+    return _torch_mm(a, b, bias)
+
+
+class TunedLinear(torch.nn.Linear):
+    """nn.Linear whose matrix multiply goes through linear() (the same parameters and state dict)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not ENABLED or not x.is_cuda:
+            return F.linear(x, self.weight, self.bias)
+        return linear(x.reshape(-1, self.in_features), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+
+
+def tune_linears(layers: torch.nn.Module) -> int:
+    """Make every plain nn.Linear under ``layers`` (an encoder's layers) a TunedLinear, but LoRA's A and B
+    matrices (too narrow to gain); returns how many."""
+    n = 0
+    for name, module in layers.named_modules():
+        if type(module) is torch.nn.Linear and not name.rsplit(".", 1)[-1].startswith("lora_"):
+            module.__class__ = TunedLinear
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- the ops
+@torch.library.custom_op("seqcls::tuned_mm", mutates_args=())
+def _mm_op(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _tuned(a, b, bias)
+
+
+@_mm_op.register_fake
+def _(a, b, bias):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@torch.library.custom_op("seqcls::tuned_linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _tuned(x, weight.t(), bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    # x only where the weight trains, the weight only where x needs its gradient (frozen LoRA bases keep no x)
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    dx = _mm_op(grad, weight, None) if ctx.needs_input_grad[0] else None
+    dweight = _mm_op(grad.t(), x, None) if ctx.needs_input_grad[1] else None
+    dbias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dweight, dbias
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ------------------------------------------------------------------------------------------ the tuning
+def _torch_mm(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
+def _layout(t: Tensor) -> Optional[tuple[int, int, int, int]]:
+    """(rows, cols, leading dimension, op) of a 2-D tensor read as cuBLAS's column-major operand whose
+    op gives t transposed, or None for strides it cannot take."""
+    r, c = t.shape
+    s0, s1 = t.stride()
+    if s1 == 1 and s0 >= c:
+        return c, r, s0, 0  # row-major t is column-major t^T: op N
+    if s0 == 1 and s1 >= r:
+        return r, c, s1, 1  # a transposed view: column-major t, op T
+    return None
+
+
+def _alignment(t: Tensor) -> int:
+    ptr = t.data_ptr()
+    return 256 if ptr % 256 == 0 else ptr & -ptr
+
+
+def _key(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> tuple:
+    return (tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), a.dtype, bias is not None, a.device.index,
+            _alignment(a), _alignment(b), 0 if bias is None else _alignment(bias))
+
+
+def _tuned(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
+    if not a.is_cuda or min(a.shape[0], a.shape[1], b.shape[1]) < 2 or _layout(a) is None or _layout(b) is None:
+        return _torch_mm(a, b, bias)
+    key = _key(a, b, bias)
+    choice = _choices.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing() or _library() is None:
+            return _torch_mm(a, b, bias)
+        choice = _choices[key] = _tune(a, b, bias)
+    if choice is _TORCH:
+        return _torch_mm(a, b, bias)
+    workspace = _workspace()
+    if workspace is None:
+        return _torch_mm(a, b, bias)
+    plan, index = choice
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    plan.run(index, a, b, bias, out, workspace)
+    return out
+
+
+def _workspace() -> Optional[Tensor]:
+    """This stream's cuBLASLt workspace; made outside captures only (one made inside a capture would
+    come from the graph's memory pool)."""
+    stream = torch.cuda.current_stream()
+    key = (stream.device_index, stream.cuda_stream)
+    if key not in _workspaces:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        _workspaces[key] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=stream.device)
+    return _workspaces[key]
+
+
+def _tune(a: Tensor, b: Tensor, bias: Optional[Tensor]):
+    """The fastest of torch's matmul and the heuristic's algorithms for this shape (each checked against
+    torch's product first)."""
+    workspace = _workspace()
+    plan = _Plan(a, b, bias)
+    ref = _torch_mm(a, b, bias)
+    out = torch.empty_like(ref)
+    candidates, runs = [_TORCH], [lambda: _torch_mm(a, b, bias)]
+    tol = 1e-2 * float(ref.abs().max()) + 1e-3
+    for i in range(plan.count):
+        try:
+            plan.run(i, a, b, bias, out, workspace)
+            ok = bool((out.float() - ref.float()).abs().max() <= tol)
+        except RuntimeError:
+            ok = False
+        if ok:
+            candidates.append((plan, i))
+            runs.append(lambda i=i: plan.run(i, a, b, bias, out, workspace))
+    times = fastest(runs, _gpu_ms)
+    best = min(range(len(runs)), key=times.__getitem__)
+    _timings[_key(a, b, bias)] = (times[0], times[best])
+    log.debug("tuned matmul %s @ %s%s: %s (%.1f us; torch's %.1f us; %d candidates)", tuple(a.shape), tuple(b.shape),
+              " + bias" if bias is not None else "", "torch" if best == 0 else f"cublaslt #{candidates[best][1]}",
+              times[best] * 1e3, times[0] * 1e3, len(runs))
+    return candidates[best]
+
+
+def fastest(runs: list[Callable[[], object]], time_ms: Callable[[Callable[[], object]], float],
+            rounds: int = 2) -> list[float]:
+    """Each run's best time over ``rounds`` rounds, the runs taken in turn within a round (so a drift of the
+    GPU's clock falls on all of them alike); a run that raises gets inf."""
+    times = [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            try:
+                times[i] = min(times[i], time_ms(run))
+            except RuntimeError:
+                pass
+    return times
+
+
+def _gpu_ms(run: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(SPIN_CYCLES)
+    start.record()
+    for _ in range(REPS):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / REPS
+
+
+# ------------------------------------------------------------------------------------------ cuBLASLt
+class _HeuristicResult(ctypes.Structure):
+    _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+def _library():
+    """cuBLASLt as torch loaded it (its path from the process's memory map), with a handle; None if absent."""
+    global _lt
+    if _lt is None:
+        _lt = False
+        try:
+            with open("/proc/self/maps") as maps:
+                path = next((line.split()[-1] for line in maps if "libcublasLt.so" in line), "libcublasLt.so")
+            lib = ctypes.CDLL(path)
+            handle = ctypes.c_void_p()
+            _check(lib.cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
+            _lt = (lib, handle)
+        except (OSError, RuntimeError) as e:
+            log.warning("compile.tuned_gemm: cuBLASLt could not be loaded (%s); torch's matmul runs", e)
+    return _lt or None
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+
+_COMPUTE_32F, _SCALE_32F = 68, 0  # cublasComputeType_t, cudaDataType_t
+_DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8  # cublasLtMatmulDescAttributes_t
+_EPILOGUE_BIAS = 4
+_PREF_MAX_WORKSPACE, _PREF_ALIGN_A, _PREF_ALIGN_B, _PREF_ALIGN_C, _PREF_ALIGN_D = 1, 5, 6, 7, 8
+
+
+class _Plan:
+    """One shape's cuBLASLt descriptors and the heuristic's algorithms. C = a @ b (row-major) is computed
+    as cuBLAS's column-major C^T = b^T a^T: its A operand is b, its B operand a."""
+
+    def __init__(self, a: Tensor, b: Tensor, bias: Optional[Tensor]):
+        self.lib, self.handle = _library()
+        lib = self.lib
+        dtype = _DTYPES[a.dtype]
+        (br, bc, bld, op_b), (ar, ac, ald, op_a) = _layout(b), _layout(a)
+        m, n = b.shape[1], a.shape[0]
+        self.desc = ctypes.c_void_p()
+        _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _SCALE_32F), "MatmulDescCreate")
+        self._set(_DESC_TRANSA, ctypes.c_int32(op_b))
+        self._set(_DESC_TRANSB, ctypes.c_int32(op_a))
+        if bias is not None:
+            self._set(_DESC_EPILOGUE, ctypes.c_int32(_EPILOGUE_BIAS))
+        self.layout_a, self.layout_b, self.layout_c = (self._layout(dtype, *shape) for shape in
+                                                        ((br, bc, bld), (ar, ac, ald), (m, n, m)))
+        pref = ctypes.c_void_p()
+        _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "MatmulPreferenceCreate")
+        for attr, value in ((_PREF_MAX_WORKSPACE, ctypes.c_uint64(WORKSPACE_BYTES)),
+                            (_PREF_ALIGN_A, ctypes.c_uint32(_alignment(b))), (_PREF_ALIGN_B, ctypes.c_uint32(_alignment(a))),
+                            (_PREF_ALIGN_C, ctypes.c_uint32(256)), (_PREF_ALIGN_D, ctypes.c_uint32(256))):
+            _check(lib.cublasLtMatmulPreferenceSetAttribute(pref, attr, ctypes.byref(value), ctypes.sizeof(value)),
+                   "MatmulPreferenceSetAttribute")
+        self.results = (_HeuristicResult * MAX_ALGOS)()
+        count = ctypes.c_int()
+        _check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.layout_a, self.layout_b, self.layout_c,
+                                                  self.layout_c, pref, MAX_ALGOS, self.results, ctypes.byref(count)),
+               "MatmulAlgoGetHeuristic")
+        lib.cublasLtMatmulPreferenceDestroy(pref)
+        self.count = count.value
+        self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    def _set(self, attr: int, value) -> None:
+        _check(self.lib.cublasLtMatmulDescSetAttribute(self.desc, attr, ctypes.byref(value), ctypes.sizeof(value)),
+               "MatmulDescSetAttribute")
+
+    def _layout(self, dtype: int, rows: int, cols: int, ld: int) -> ctypes.c_void_p:
+        layout = ctypes.c_void_p()
+        _check(self.lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dtype, ctypes.c_uint64(rows),
+                                                   ctypes.c_uint64(cols), ctypes.c_int64(ld)), "MatrixLayoutCreate")
+        return layout
+
+    def run(self, index: int, a: Tensor, b: Tensor, bias: Optional[Tensor], out: Tensor, workspace: Tensor) -> None:
+        if bias is not None:
+            self._set(_DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+        c = ctypes.c_void_p(out.data_ptr())
+        _check(self.lib.cublasLtMatmul(
+            self.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(b.data_ptr()), self.layout_a,
+            ctypes.c_void_p(a.data_ptr()), self.layout_b, ctypes.byref(self.beta), c, self.layout_c, c, self.layout_c,
+            ctypes.byref(self.results[index].algo), ctypes.c_void_p(workspace.data_ptr()),
+            ctypes.c_size_t(WORKSPACE_BYTES), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)), "Matmul")

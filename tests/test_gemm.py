@@ -1,0 +1,90 @@
+"""seqcls.gemm on CPU: the tuned linear's autograd, the choice of the fastest candidate, the operand
+layouts cuBLASLt is given, and which Linears are routed. The cuBLASLt path itself runs on a GPU
+(tests/test_gpu.py -k tuned_gemm)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqcls import gemm
+from seqcls.build import build_trainer
+from seqcls.config import ConfigError
+from seqcls.lora import LoRALinear
+from tests.conftest import compose_cfg, synthetic_overrides, write_synthetic
+
+
+@pytest.mark.parametrize("trains", ["all", "frozen weight", "no bias", "input only"])
+def test_tuned_linear_gradients_are_f_linears(trains):
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, requires_grad=True)
+    w = torch.randn(4, 5, requires_grad=trains in ("all", "no bias"))
+    b = None if trains == "no bias" else torch.randn(4, requires_grad=trains == "all")
+    grad = torch.randn(7, 4)
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(torch.ops.seqcls.tuned_linear(x, w, b), inputs, grad)
+    want = torch.autograd.grad(F.linear(x, w, b), inputs, grad)
+    assert len(got) == len(want)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
+def test_tuned_linear_compiles_with_a_dynamic_row_count():
+    w, b = torch.randn(4, 5), torch.randn(4)
+    f = torch.compile(lambda x: torch.ops.seqcls.tuned_linear(x, w, b).relu(), dynamic=True, backend="aot_eager")
+    for rows in (6, 9):
+        x = torch.randn(rows, 5)
+        torch.testing.assert_close(f(x), F.linear(x, w, b).relu())
+
+
+def test_fastest_takes_each_runs_best_round_and_skips_one_that_fails():
+    clock = iter([5.0, 3.0, 4.0,   # round 1: torch, a, b
+                  6.0, 2.5, 1.0])  # round 2
+    runs = [lambda: None, lambda: None, lambda: None, lambda: (_ for _ in ()).throw(RuntimeError("bad"))]
+
+    def time_ms(run):
+        run()
+        return next(clock)
+    times = gemm.fastest(runs, time_ms)
+    assert times[:3] == [5.0, 2.5, 1.0] and times[3] == float("inf")
+    assert min(range(4), key=times.__getitem__) == 2
+
+
+def test_layouts_cublas_is_given():
+    a = torch.empty(6, 4)
+    assert gemm._layout(a) == (4, 6, 4, 0)  # row-major a is column-major a^T, op N
+    assert gemm._layout(a.t()) == (4, 6, 4, 1)  # a transposed view (4, 6): column-major as it lies, op T
+    assert gemm._layout(torch.empty(6, 10)[:, :4]) == (4, 6, 10, 0)  # rows 10 apart
+    assert gemm._layout(torch.empty(6, 4, 2)[:, :, 0]) is None  # neither dimension unit-stride
+
+
+def test_disabled_and_cpu_calls_are_torchs_own():
+    x, w, b = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4)
+    gemm.enable(True)
+    try:  # on CPU every path is torch's, bit for bit
+        assert torch.equal(gemm.linear(x, w, b), F.linear(x, w, b))
+        assert torch.equal(gemm.mm(x, w.t(), b), torch.addmm(b, x, w.t()))
+        assert gemm.choices() == {}  # nothing tuned on CPU
+    finally:
+        gemm.enable(False)
+
+
+def test_tune_linears_routes_plain_linears_but_loras_a_and_b():
+    layers = torch.nn.ModuleList([torch.nn.ModuleDict({
+        "dense": torch.nn.Linear(8, 8),
+        "query": LoRALinear.from_linear(torch.nn.Linear(8, 8), dim=2, alpha=4, dropout=0.0),
+        "norm": torch.nn.LayerNorm(8)})])
+    before = {k: v.clone() for k, v in layers.state_dict().items()}
+    assert gemm.tune_linears(layers) == 1
+    assert type(layers[0]["dense"]) is gemm.TunedLinear
+    assert type(layers[0]["query"].lora_A) is torch.nn.Linear and type(layers[0]["query"].lora_B) is torch.nn.Linear
+    after = layers.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    x = torch.randn(3, 2, 8)
+    torch.testing.assert_close(layers[0]["dense"](x), F.linear(x, layers[0]["dense"].weight, layers[0]["dense"].bias))
+
+
+def test_tuned_gemm_asked_for_on_cpu_is_one_clear_error(tmp_path):
+    data = write_synthetic(tmp_path / "data", n_train=16, n_val=8)
+    cfg = compose_cfg(synthetic_overrides(data, tmp_path / "run") + ["compile.tuned_gemm=true"])
+    with pytest.raises(ConfigError, match=r"compile.tuned_gemm=true needs cuBLASLt .* use compile.tuned_gemm=null"):
+        build_trainer(cfg, tmp_path / "run")
