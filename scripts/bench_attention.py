@@ -230,7 +230,8 @@ def one_block(args, lengths: list[int]) -> None:
     default, settings = dict(sa._BWD_CONFIG), (sa.BWD_ONE_BLOCK, sa.TAILS)
     variants = {"loop": (False, False, {}), "one block": (True, False, {}),
                 "one block, 64-tile 8 warps": (True, False, {64: (64, 8, 1)}),
-                "one block + 128-tile 8 warps": (True, False, {128: (128, 8, 1)}),
+                "one block, 128-tile query block 32, 4 warps (the loop: the default until 2026-12-07)":
+                    (True, False, {128: (32, 4, 2)}),
                 "one block, 128-tile query block 32, 8 warps": (True, False, {128: (32, 8, 2)}),
                 "tails": (False, True, {}), "tails + one block": (True, True, {}),
                 "tails + one block, 64-tile 8 warps": (True, True, {64: (64, 8, 1)})}

@@ -47,9 +47,11 @@ _TAIL_LAUNCHES = ((64, 16), (64, 32))  # (key tile, tail rows)
 # longest length a launch takes (its key tile plus tail) -> (query block, warps, pipeline stages) of the
 # forward and of the backward kernel: the query rows a step of a program's loop takes, its warps, and
 # Triton's software-pipelining depth of that loop. Tuned on an H200 on MRPC's random b256 batches
-# (roberta-large's heads, dropout 0.1; docs/benchmarks.md); the tails' not yet tuned.
+# (roberta-large's heads, dropout 0.1; docs/benchmarks.md); the tails' not yet tuned. The 128-row tile's
+# backward in one block of 128 rows (8 warps): on an H100 one layer's attention at b32 13% faster, at
+# b256 the same, full fine-tuning b32 +1.0% (docs/benchmarks.md, twenty-seventh and twenty-ninth sessions).
 _FWD_CONFIG = {32: (32, 2, 3), 64: (64, 4, 3), 80: (32, 4, 2), 96: (32, 4, 2), 128: (32, 4, 2), 256: (32, 8, 3)}
-_BWD_CONFIG = {32: (32, 2, 1), 64: (64, 4, 2), 80: (32, 8, 2), 96: (16, 8, 2), 128: (32, 4, 2), 256: (32, 8, 3)}
+_BWD_CONFIG = {32: (32, 2, 1), 64: (64, 4, 2), 80: (32, 8, 2), 96: (16, 8, 2), 128: (128, 8, 1), 256: (32, 8, 3)}
 BWD_ONE_BLOCK = True
 """Self-attention backward in one query block where it covers the key tile, each gradient stored as
 soon as it is computed (_bwd_one_block); off: the loop over query blocks with accumulators. The values
