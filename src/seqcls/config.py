@@ -371,7 +371,9 @@ class CompileConfig:
     matmul, which takes the first algorithm of cuBLAS's heuristic. null: on where the model is compiled on
     an NVIDIA GPU in one process (no FSDP2). On an H100 (roberta-large LoRA b256, ~13,600 tokens) the
     fastest candidates ran a layer's eight forward and backward matrix multiplies in 8.7% less time than
-    torch's picks (docs/benchmarks.md)."""
+    torch's picks, and LoRA b256 trained 0.7-0.85% faster (full FT b32 -0.3%); the timing is paid once per
+    shape (a LoRA b256 bench run, every batch shape captured up front: 84-95 s against 62-67 s;
+    docs/benchmarks.md)."""
     inductor_options: dict[str, Any] = field(default_factory=dict)
     """Inductor settings for the compiled model or blocks, on top of compile.mode's and combo_kernels
     (torch.compile's ``options``, named as torch._inductor.list_options() names them; nested keys join
