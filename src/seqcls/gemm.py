@@ -177,7 +177,8 @@ def _key(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> tuple:
 
 
 def _tuned(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
-    if not a.is_cuda or min(a.shape[0], a.shape[1], b.shape[1]) < 2 or _layout(a) is None or _layout(b) is None:
+    if (not a.is_cuda or min(a.shape[0], a.shape[1], b.shape[1]) < 2 or _layout(a) is None or _layout(b) is None
+            or (bias is not None and not bias.is_contiguous())):  # cuBLASLt's bias epilogue reads a packed vector
         return _torch_mm(a, b, bias)
     key = _key(a, b, bias)
     choice = _choices.get(key)
@@ -187,7 +188,7 @@ def _tuned(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
         choice = _choices[key] = _tune(a, b, bias)
     if choice is _TORCH:
         return _torch_mm(a, b, bias)
-    workspace = _workspace()
+    workspace = _workspace(a.device)
     if workspace is None:
         return _torch_mm(a, b, bias)
     plan, index = choice
@@ -196,22 +197,22 @@ def _tuned(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
     return out
 
 
-def _workspace() -> Optional[Tensor]:
-    """This stream's cuBLASLt workspace; made outside captures only (one made inside a capture would
-    come from the graph's memory pool)."""
-    stream = torch.cuda.current_stream()
+def _workspace(device: torch.device) -> Optional[Tensor]:
+    """The device's current stream's cuBLASLt workspace; made outside captures only (one made inside a
+    capture would come from the graph's memory pool)."""
+    stream = torch.cuda.current_stream(device)
     key = (stream.device_index, stream.cuda_stream)
     if key not in _workspaces:
         if torch.cuda.is_current_stream_capturing():
             return None
-        _workspaces[key] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=stream.device)
+        _workspaces[key] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
     return _workspaces[key]
 
 
 def _tune(a: Tensor, b: Tensor, bias: Optional[Tensor]):
     """The fastest of torch's matmul and the heuristic's algorithms for this shape (each checked against
     torch's product first)."""
-    workspace = _workspace()
+    workspace = _workspace(a.device)
     plan = _Plan(a, b, bias)
     ref = _torch_mm(a, b, bias)
     out = torch.empty_like(ref)
@@ -315,7 +316,8 @@ class _Plan:
         pref = ctypes.c_void_p()
         _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "MatmulPreferenceCreate")
         for attr, value in ((_PREF_MAX_WORKSPACE, ctypes.c_uint64(WORKSPACE_BYTES)),
-                            (_PREF_ALIGN_A, ctypes.c_uint32(_alignment(b))), (_PREF_ALIGN_B, ctypes.c_uint32(_alignment(a))),
+                            (_PREF_ALIGN_A, ctypes.c_uint32(_alignment(b))),
+                            (_PREF_ALIGN_B, ctypes.c_uint32(_alignment(a))),
                             (_PREF_ALIGN_C, ctypes.c_uint32(256)), (_PREF_ALIGN_D, ctypes.c_uint32(256))):
             _check(lib.cublasLtMatmulPreferenceSetAttribute(pref, attr, ctypes.byref(value), ctypes.sizeof(value)),
                    "MatmulPreferenceSetAttribute")
@@ -342,8 +344,9 @@ class _Plan:
         if bias is not None:
             self._set(_DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
         c = ctypes.c_void_p(out.data_ptr())
+        stream = ctypes.c_void_p(torch.cuda.current_stream(a.device).cuda_stream)
         _check(self.lib.cublasLtMatmul(
             self.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(b.data_ptr()), self.layout_a,
             ctypes.c_void_p(a.data_ptr()), self.layout_b, ctypes.byref(self.beta), c, self.layout_c, c, self.layout_c,
             ctypes.byref(self.results[index].algo), ctypes.c_void_p(workspace.data_ptr()),
-            ctypes.c_size_t(WORKSPACE_BYTES), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)), "Matmul")
+            ctypes.c_size_t(WORKSPACE_BYTES), stream), "Matmul")
