@@ -149,7 +149,7 @@ def run_seqcls(args, out: Path) -> dict:
         profile_steps(trainer, args)
     trainer.fit()
     from seqcls import gemm
-    if gemm.ENABLED:
+    if gemm.ENABLED:  # what the tuning found, as seqcls.train logs it at the end of a run
         print(gemm.summary(), file=sys.stderr)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]

@@ -83,6 +83,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.warning("stopped by signal at step %d after saving a checkpoint; re-run the same command to resume",
                     results["steps"])
         trainer.stop_signal.forward_or_exit()
+    from seqcls import gemm
+    if gemm.ENABLED:
+        log.info(gemm.summary())
     if trainer.dist.is_writer:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         final = results["final"] or {}
