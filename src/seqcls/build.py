@@ -195,14 +195,14 @@ def use_triton_masks(cfg: DictConfig, device: torch.device, compiled: bool) -> b
     return setting in ("triton", "triton_bits")
 
 
-def use_tuned_gemm(cfg: DictConfig, device: torch.device, compiled: bool) -> bool:
-    """compile.tuned_gemm: null means where the model is compiled on an NVIDIA GPU in one process and
-    cuBLASLt loads; asked for where it cannot run: ConfigError."""
+def use_tuned_gemm(cfg: DictConfig, device: torch.device, graphs: bool) -> bool:
+    """compile.tuned_gemm: null means where the training step is replayed as CUDA graphs (each tuned
+    matmul's call costs host time, which only a graph hides) and cuBLASLt loads; asked for where it cannot
+    run: ConfigError."""
     from seqcls import gemm
     setting = cfg.compile.tuned_gemm
     if setting is None:
-        return compiled and cfg.distributed.strategy == "none" and torch.version.hip is None \
-            and gemm.supported(device)
+        return graphs and gemm.supported(device)
     if setting and (cfg.distributed.strategy != "none" or not gemm.supported(device)):
         raise ConfigError("compile.tuned_gemm=true needs cuBLASLt on an NVIDIA GPU in one process (no FSDP2); "
                           "use compile.tuned_gemm=null")
@@ -398,12 +398,6 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         from seqcls.models import fuse_frozen_qkv
         if fused := fuse_frozen_qkv(model, merge_adapters=cfg.peft.enabled and cfg.peft.merge_qkv):
             log.info("query/key/value computed by one matrix multiply in %d attention blocks", fused)
-    from seqcls import gemm
-    gemm.enable(use_tuned_gemm(cfg, device, compiled))
-    if gemm.ENABLED:
-        from seqcls.models import tuned_linears
-        log.info("%d encoder Linears (and any fused query/key/value) multiply through cuBLASLt's algorithm "
-                 "timed fastest per shape", tuned_linears(model))
     pack_offset = use_packing(cfg, device, amp_dtype, model)  # None: batches stay padded
     # MasterWeightAdamW takes AdamW's and Adam's usual hyperparameters, not amsgrad, foreach and the like.
     # Under LoRA the trainable Linears are the adapters and the head: for roberta-large ~100 small tensors,
@@ -427,6 +421,12 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
                                           getattr(model.config, "_attn_implementation", None))
     if graphs:  # the update inside a CUDA graph: step counts and the learning rate live on the device
         opt_kwargs.update(capturable=True, lr=torch.tensor(float(cfg.optimizer.lr), device=device))
+    from seqcls import gemm
+    gemm.enable(use_tuned_gemm(cfg, device, graphs))
+    if gemm.ENABLED:
+        from seqcls.models import tuned_linears
+        log.info("%d encoder Linears (and any fused query/key/value) multiply through cuBLASLt's algorithm "
+                 "timed fastest per shape", tuned_linears(model))
     if master_weights:
         from seqcls.optim import MasterWeightAdamW, weight_buckets
         opt_kwargs.pop("fused")

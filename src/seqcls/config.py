@@ -368,8 +368,9 @@ class CompileConfig:
     tuned_gemm: Optional[bool] = None
     """The encoder's matrix multiplies (its Linears, the fused query/key/value and LoRA's merged one)
     through cuBLASLt with the algorithm picked by timing once per shape (seqcls.gemm) instead of torch's
-    matmul, which takes the first algorithm of cuBLAS's heuristic. null: on where the model is compiled on
-    an NVIDIA GPU in one process (no FSDP2). On an H100 (roberta-large LoRA b256, ~13,600 tokens) the
+    matmul, which takes the first algorithm of cuBLAS's heuristic. null: on where the training step is
+    replayed as CUDA graphs (compile.cuda_graphs=step on an NVIDIA GPU), which hide the host time of each
+    call through ctypes; true also elsewhere in one process. On an H100 (roberta-large LoRA b256, ~13,600 tokens) the
     fastest candidates ran a layer's eight forward and backward matrix multiplies in 8.7% less time than
     torch's picks, and LoRA b256 trained 0.7-0.85% faster (full FT b32 -0.3%); the timing is paid once per
     shape (a LoRA b256 bench run, every batch shape captured up front: 84-95 s against 62-67 s;

@@ -94,8 +94,6 @@ class TunedLinear(torch.nn.Linear):
     """nn.Linear whose matrix multiply goes through linear() (the same parameters and state dict)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not ENABLED or not x.is_cuda:
-            return F.linear(x, self.weight, self.bias)
         return linear(x.reshape(-1, self.in_features), self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
 
@@ -185,7 +183,7 @@ def _tuned(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
     if choice is None:
         if torch.cuda.is_current_stream_capturing() or _library() is None:
             return _torch_mm(a, b, bias)
-        choice = _choices[key] = _tune(a, b, bias)
+        choice = _choices[key] = _tune(key, a, b, bias)
     if choice is _TORCH:
         return _torch_mm(a, b, bias)
     workspace = _workspace(a.device)
@@ -209,7 +207,7 @@ def _workspace(device: torch.device) -> Optional[Tensor]:
     return _workspaces[key]
 
 
-def _tune(a: Tensor, b: Tensor, bias: Optional[Tensor]):
+def _tune(key: tuple, a: Tensor, b: Tensor, bias: Optional[Tensor]):
     """The fastest of torch's matmul and the heuristic's algorithms for this shape (each checked against
     torch's product first)."""
     workspace = _workspace(a.device)
@@ -229,7 +227,7 @@ def _tune(a: Tensor, b: Tensor, bias: Optional[Tensor]):
             runs.append(lambda i=i: plan.run(i, a, b, bias, out, workspace))
     times = fastest(runs, _gpu_ms)
     best = min(range(len(runs)), key=times.__getitem__)
-    _timings[_key(a, b, bias)] = (times[0], times[best])
+    _timings[key] = (times[0], times[best])
     log.debug("tuned matmul %s @ %s%s: %s (%.1f us; torch's %.1f us; %d candidates)", tuple(a.shape), tuple(b.shape),
               " + bias" if bias is not None else "", "torch" if best == 0 else f"cublaslt #{candidates[best][1]}",
               times[best] * 1e3, times[0] * 1e3, len(runs))
