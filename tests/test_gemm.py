@@ -99,3 +99,64 @@ def test_summary_sums_the_tuned_shapes_times(monkeypatch):
     line = gemm.summary()
     assert "2 shapes, 1 on a cuBLASLt algorithm" in line and "torch's picks 0.30 ms" in line
     assert "the choices 0.25 ms (16.7% less)" in line
+
+
+@pytest.mark.parametrize("trains", ["all", "frozen weights", "no biases"])
+def test_gelu_mlp_gradients_are_the_unfused_blocks(trains):
+    """gelu_mlp's hand-written backward (GELU's gradient where the second matrix multiply's backward
+    writes it, the bias gradient beside it) against autograd through F.linear, tanh GELU, F.linear."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(9, 6, **f64, requires_grad=True)
+    w1, w2 = torch.randn(16, 6, **f64), torch.randn(6, 16, **f64)
+    b1, b2 = (None, None) if trains == "no biases" else (torch.randn(16, **f64), torch.randn(6, **f64))
+    for t in (w1, b1, w2, b2):
+        if t is not None:
+            t.requires_grad_(trains != "frozen weights")
+    inputs = [t for t in (x, w1, b1, w2, b2) if t is not None and t.requires_grad]
+    grad = torch.randn(9, 6, **f64)
+    got = torch.autograd.grad(gemm.gelu_mlp(x, w1, b1, w2, b2), inputs, grad)
+    want = torch.autograd.grad(F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2), inputs, grad)
+    assert len(got) == len(want) == (5 if trains == "all" else 3 if trains == "no biases" else 1)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
+def test_gelu_mlp_under_autocast_computes_in_its_dtype():
+    x, w1, b1, w2, b2 = torch.randn(5, 8), torch.randn(12, 8), torch.randn(12), torch.randn(8, 12), torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gemm.gelu_mlp(x, w1, b1, w2, b2)
+        ref = F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu"])
+def test_gelu_epilogue_mlps_keep_the_models_outputs_and_skip_adapted_feed_forwards(act):
+    from seqcls.models import from_config, gelu_epilogue_mlps
+    torch.manual_seed(0)
+    model = from_config("roberta", num_labels=2, config_overrides=dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        max_position_embeddings=40, hidden_act=act)).eval()
+    ids = torch.randint(3, 100, (4, 12))
+    before = model(input_ids=ids).logits
+    layer = model.roberta.encoder.layer
+    layer[1].intermediate.dense = LoRALinear.from_linear(layer[1].intermediate.dense, dim=2, alpha=4, dropout=0.0)
+    assert gelu_epilogue_mlps(model) == 2  # the layer whose feed-forward has an adapter keeps HF's
+    assert "feed_forward_chunk" in vars(layer[0]) and "feed_forward_chunk" not in vars(layer[1])
+    after = model(input_ids=ids).logits
+    if act == "gelu_pytorch_tanh":  # the same function: equal up to the order of float sums
+        torch.testing.assert_close(after, before)
+    else:  # erf's GELU against the tanh form: close, not equal
+        assert 0 < (after - before).abs().max() < 1e-3
+    assert gelu_epilogue_mlps(from_config("roberta", num_labels=2, config_overrides=dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        hidden_act="relu"))) == 0
+
+
+def test_gelu_epilogue_asked_for_without_tuned_gemm_is_one_clear_error(tmp_path):
+    data = write_synthetic(tmp_path / "data", n_train=16, n_val=8)
+    cfg = compose_cfg(synthetic_overrides(data, tmp_path / "run") + ["compile.gelu_epilogue=true"])
+    with pytest.raises(ConfigError, match=r"compile.gelu_epilogue=true needs the tuned matrix multiplies .* "
+                                          r"use compile.gelu_epilogue=null"):
+        build_trainer(cfg, tmp_path / "run")

@@ -497,3 +497,49 @@ def test_tuned_gemm_matches_torch_eagerly_in_captures_and_compiled():
                 assert (a.float() - b.float()).abs().max().item() <= 0.02 * b.abs().max().item() + 1e-6
     finally:
         gemm.enable(False)
+
+
+def test_gelu_epilogues_match_torch_and_train_as_the_unfused_block():
+    """cuBLASLt's GELU epilogues (compile.gelu_epilogue): gelu(a @ b + bias) with its input written beside
+    it, and GELU's gradient (with the bias gradient) from a @ b and that input, each within bf16 rounding
+    of torch's kernels, tuned then run from the choice; gelu_mlp compiled with a dynamic row count gives
+    the gradients of F.linear, tanh GELU, F.linear."""
+    from seqcls import gemm
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    gemm.enable(True)
+    try:
+        x, w1, b1 = torch.randn(1000, 256, **bf), torch.randn(1024, 256, **bf) / 16, torch.randn(1024, **bf)
+        w2, grad = torch.randn(256, 1024, **bf) / 32, torch.randn(1000, 256, **bf)
+        pre_ref = x.float() @ w1.float().t() + b1.float()
+        for _ in range(2):
+            act, pre = gemm.mm_gelu(x, w1.t(), b1)
+            assert (pre.float() - pre_ref).abs().max().item() <= 0.02 * pre_ref.abs().max().item()
+            want = F.gelu(pre_ref, approximate="tanh")
+            assert (act.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
+            for bias_grad in (True, False):
+                dpre, sums = gemm.mm_dgelu(grad, w2, pre, bias_grad)
+                want = torch.ops.aten.gelu_backward(grad.float() @ w2.float(), pre.float(), approximate="tanh")
+                assert (dpre.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
+                if bias_grad:
+                    assert (sums.float() - want.sum(0)).abs().max().item() <= 0.02 * want.sum(0).abs().max().item() + 0.5
+                else:
+                    assert sums is None
+        modes = {k[10] for k in gemm.choices()}
+        assert {"gelu", "dgelu"} <= modes
+
+        def loss(f, *ts):
+            return f(*ts).float().square().mean()
+
+        def unfused(x, w1, b1, w2, b2):
+            return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+        compiled = torch.compile(lambda *ts: loss(gemm.gelu_mlp, *ts), dynamic=True)
+        for rows in (1000, 1200):
+            ts = [t.detach().clone().requires_grad_() for t in (torch.randn(rows, 256, **bf), w1, b1, w2, b1[:256])]
+            got = torch.autograd.grad(compiled(*ts), ts)
+            want = torch.autograd.grad(loss(unfused, *ts), ts)
+            for a, b in zip(got, want):
+                assert (a.float() - b.float()).abs().max().item() <= 0.03 * b.abs().max().item() + 1e-6
+    finally:
+        gemm.enable(False)

@@ -427,6 +427,13 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         from seqcls.models import tuned_linears
         log.info("%d encoder Linears (and any fused query/key/value) multiply through cuBLASLt's algorithm "
                  "timed fastest per shape", tuned_linears(model))
+    if cfg.compile.gelu_epilogue and not gemm.ENABLED:
+        raise ConfigError("compile.gelu_epilogue=true needs the tuned matrix multiplies (compile.tuned_gemm on, "
+                          "a CUDA GPU); use compile.gelu_epilogue=null")
+    if gemm.ENABLED and cfg.compile.gelu_epilogue is not False:
+        from seqcls.models import gelu_epilogue_mlps
+        log.info("%d encoder feed-forwards run GELU (tanh form) in cuBLASLt's matrix multiply epilogues",
+                 gelu_epilogue_mlps(model))
     if master_weights:
         from seqcls.optim import MasterWeightAdamW, weight_buckets
         opt_kwargs.pop("fused")

@@ -375,6 +375,14 @@ class CompileConfig:
     torch's picks, and LoRA b256 trained 0.7-0.85% faster (full FT b32 -0.3%); the timing is paid once per
     shape (a LoRA b256 bench run, every batch shape captured up front: 84-95 s against 62-67 s;
     docs/benchmarks.md)."""
+    gelu_epilogue: Optional[bool] = None
+    """With compile.tuned_gemm on and a GELU encoder (hidden_act gelu, gelu_new or gelu_pytorch_tanh): each
+    layer's feed-forward runs its GELU in the first matrix multiply's cuBLASLt epilogue and the GELU's
+    gradient in the second's backward one (seqcls.gemm.gelu_mlp), instead of passes of their own over the
+    (tokens, 4 x hidden) activations. cuBLASLt's GELU is the tanh form: for hidden_act=gelu (erf) the
+    outputs differ by at most 4.7e-4, a sixteenth of bf16's rounding there. Each shape still times torch's
+    unfused kernels against the epilogue's algorithms and keeps the faster. null: on wherever
+    compile.tuned_gemm is; false: HF's own feed-forward."""
     inductor_options: dict[str, Any] = field(default_factory=dict)
     """Inductor settings for the compiled model or blocks, on top of compile.mode's and combo_kernels
     (torch.compile's ``options``, named as torch._inductor.list_options() names them; nested keys join

@@ -84,10 +84,64 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 def mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """a @ b (+ bias over the columns), tuned where ENABLED; no autograd of its own (for backward passes
     and autograd functions)."""
-    if ENABLED and a.is_cuda and a.dtype in _DTYPES and b.dtype == a.dtype \
-            and (bias is None or bias.dtype == a.dtype):
+    if _routed(a, b, bias):
         return torch.ops.seqcls.tuned_mm(a, b, bias)
     return _torch_mm(a, b, bias)
+
+
+def _routed(a: Tensor, b: Tensor, *others: Optional[Tensor]) -> bool:
+    return ENABLED and a.is_cuda and a.dtype in _DTYPES and all(t is None or t.dtype == a.dtype for t in (b, *others))
+
+
+def mm_gelu(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(gelu(a @ b + bias), a @ b + bias) with GELU's tanh form, as cuBLASLt's epilogue computes it where
+    ENABLED (the GELU in the matrix multiply's last stage, its input written beside it); no autograd."""
+    if _routed(a, b, bias):
+        return torch.ops.seqcls.tuned_mm_gelu(a, b, bias)
+    return _torch_run(a, b, bias, "gelu")
+
+
+def mm_dgelu(a: Tensor, b: Tensor, pre: Tensor, bias_grad: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """(gelu'(pre) * (a @ b), its column sums where ``bias_grad``): the gradient of a GELU's input (tanh form)
+    from that of its output, a @ b, and the input ``pre``; through cuBLASLt's epilogue where ENABLED."""
+    if _routed(a, b, pre):
+        grad, sums = torch.ops.seqcls.tuned_mm_dgelu(a, b, pre, bias_grad)
+        return grad, sums if bias_grad else None
+    return _torch_run(a, b, None, "dgelu", pre, bias_grad)
+
+
+def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> Tensor:
+    """A transformer block's feed-forward on rows x (n, in): gelu(x W1^T + b1) W2^T + b2, GELU in its tanh
+    form. Where ENABLED the GELU runs in the first matrix multiply's epilogue and its gradient in that of
+    the second's backward (no pass of its own over the (n, 4 * hidden) activations either way). Under
+    autocast it computes in autocast's dtype, as F.linear would."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2))
+        with torch.autocast(x.device.type, enabled=False):
+            return _GeluMLP.apply(x, w1, b1, w2, b2)
+    return _GeluMLP.apply(x, w1, b1, w2, b2)
+
+
+class _GeluMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        act, pre = mm_gelu(x, w1.t(), b1)
+        need = ctx.needs_input_grad
+        # the block's input only where W1 trains, its activation where W2 does, W1 where x needs a gradient
+        ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None, pre, act if need[3] else None, w2)
+        return mm(act, w2.t(), b2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, pre, act, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx = dw1 = db1 = None
+        if need[0] or need[1] or need[2]:
+            dpre, db1 = mm_dgelu(grad, w2, pre, bias_grad=need[2])
+            dx = mm(dpre, w1) if need[0] else None
+            dw1 = mm(dpre.t(), x) if need[1] else None
+        return (dx, dw1, db1, mm(grad.t(), act) if need[3] else None, grad.sum(0) if need[4] else None)
 
 
 class TunedLinear(torch.nn.Linear):
@@ -111,7 +165,7 @@ def tune_linears(layers: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------- the ops
 @torch.library.custom_op("seqcls::tuned_mm", mutates_args=())
 def _mm_op(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _tuned(a, b, bias)
+    return _tuned(a, b, bias)[0]
 
 
 @_mm_op.register_fake
@@ -119,9 +173,29 @@ def _(a, b, bias):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
+@torch.library.custom_op("seqcls::tuned_mm_gelu", mutates_args=())
+def _mm_gelu_op(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _tuned(a, b, bias, "gelu")
+
+
+@_mm_gelu_op.register_fake
+def _(a, b, bias):
+    return a.new_empty((a.shape[0], b.shape[1])), a.new_empty((a.shape[0], b.shape[1]))
+
+
+@torch.library.custom_op("seqcls::tuned_mm_dgelu", mutates_args=())
+def _mm_dgelu_op(a: Tensor, b: Tensor, pre: Tensor, bias_grad: bool) -> tuple[Tensor, Tensor]:
+    return _tuned(a, b, None, "dgelu", pre, bias_grad)
+
+
+@_mm_dgelu_op.register_fake
+def _(a, b, pre, bias_grad):
+    return a.new_empty((a.shape[0], b.shape[1])), a.new_empty((b.shape[1] if bias_grad else 0,))
+
+
 @torch.library.custom_op("seqcls::tuned_linear", mutates_args=())
 def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _tuned(x, weight.t(), bias)
+    return _tuned(x, weight.t(), bias)[0]
 
 
 @_linear_op.register_fake
@@ -148,8 +222,22 @@ _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 # ------------------------------------------------------------------------------------------ the tuning
+# A matrix multiply's mode: "" (a @ b, + bias), "gelu" (gelu(a @ b + bias) and a @ b + bias, its input),
+# "dgelu" (gelu'(pre) * (a @ b), and its column sums where asked). GELU is the tanh form, cuBLASLt's.
 def _torch_mm(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
+def _torch_run(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = "", pre: Optional[Tensor] = None,
+               bias_grad: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """A mode's two outputs as torch computes them (the second None where there is none)."""
+    if mode == "gelu":
+        pre = _torch_mm(a, b, bias)
+        return F.gelu(pre, approximate="tanh"), pre
+    if mode == "dgelu":
+        grad = torch.ops.aten.gelu_backward(torch.mm(a, b), pre, approximate="tanh")
+        return grad, grad.sum(0) if bias_grad else None
+    return _torch_mm(a, b, bias), None
 
 
 def _layout(t: Tensor) -> Optional[tuple[int, int, int, int]]:
@@ -169,30 +257,46 @@ def _alignment(t: Tensor) -> int:
     return 256 if ptr % 256 == 0 else ptr & -ptr
 
 
-def _key(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> tuple:
+def _key(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, pre: Optional[Tensor], bias_grad: bool) -> tuple:
     return (tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), a.dtype, bias is not None, a.device.index,
-            _alignment(a), _alignment(b), 0 if bias is None else _alignment(bias))
+            _alignment(a), _alignment(b), 0 if bias is None else _alignment(bias), mode, bias_grad,
+            0 if pre is None else _alignment(pre))
 
 
-def _tuned(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _tuned(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = "", pre: Optional[Tensor] = None,
+           bias_grad: bool = False) -> tuple[Tensor, Tensor]:
+    """A mode's outputs from the shape's chosen algorithm (a missing second output as an empty tensor)."""
+    out = _tuned_run(a, b, bias, mode, pre, bias_grad)
+    return out[0], out[1] if out[1] is not None else a.new_empty((0,))
+
+
+def _tuned_run(a, b, bias, mode, pre, bias_grad) -> tuple[Tensor, Optional[Tensor]]:
     if (not a.is_cuda or min(a.shape[0], a.shape[1], b.shape[1]) < 2 or _layout(a) is None or _layout(b) is None
-            or (bias is not None and not bias.is_contiguous())):  # cuBLASLt's bias epilogue reads a packed vector
-        return _torch_mm(a, b, bias)
-    key = _key(a, b, bias)
+            or (bias is not None and not bias.is_contiguous())  # cuBLASLt's bias epilogue reads a packed vector
+            or (pre is not None and (not pre.is_contiguous() or pre.dtype != a.dtype))):
+        return _torch_run(a, b, bias, mode, pre, bias_grad)
+    key = _key(a, b, bias, mode, pre, bias_grad)
     choice = _choices.get(key)
     if choice is None:
         if torch.cuda.is_current_stream_capturing() or _library() is None:
-            return _torch_mm(a, b, bias)
-        choice = _choices[key] = _tune(key, a, b, bias)
+            return _torch_run(a, b, bias, mode, pre, bias_grad)
+        choice = _choices[key] = _tune(key, a, b, bias, mode, pre, bias_grad)
     if choice is _TORCH:
-        return _torch_mm(a, b, bias)
+        return _torch_run(a, b, bias, mode, pre, bias_grad)
     workspace = _workspace(a.device)
     if workspace is None:
-        return _torch_mm(a, b, bias)
+        return _torch_run(a, b, bias, mode, pre, bias_grad)
     plan, index = choice
+    out, second = _outputs(a, b, mode, bias_grad)
+    plan.run(index, a, b, bias if mode != "dgelu" else second, out, pre if mode == "dgelu" else second, workspace)
+    return out, second
+
+
+def _outputs(a: Tensor, b: Tensor, mode: str, bias_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
     out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
-    plan.run(index, a, b, bias, out, workspace)
-    return out
+    if mode == "gelu":
+        return out, torch.empty_like(out)
+    return out, (a.new_empty((b.shape[1],)) if mode == "dgelu" and bias_grad else None)
 
 
 def _workspace(device: torch.device) -> Optional[Tensor]:
@@ -207,31 +311,40 @@ def _workspace(device: torch.device) -> Optional[Tensor]:
     return _workspaces[key]
 
 
-def _tune(key: tuple, a: Tensor, b: Tensor, bias: Optional[Tensor]):
-    """The fastest of torch's matmul and the heuristic's algorithms for this shape (each checked against
-    torch's product first)."""
+def _tune(key: tuple, a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, pre: Optional[Tensor],
+          bias_grad: bool):
+    """The fastest of torch's matmul (and, for an epilogue's mode, torch's kernels after it) and the
+    heuristic's algorithms for this shape, each checked against torch's outputs first."""
     workspace = _workspace(a.device)
-    plan = _Plan(a, b, bias)
-    ref = _torch_mm(a, b, bias)
-    out = torch.empty_like(ref)
-    candidates, runs = [_TORCH], [lambda: _torch_mm(a, b, bias)]
-    tol = 1e-2 * float(ref.abs().max()) + 1e-3
+    plan = _Plan(a, b, bias, mode, bias_grad)
+    refs = _torch_run(a, b, bias, mode, pre, bias_grad)
+    out, second = _outputs(a, b, mode, bias_grad)
+    vector = bias if mode != "dgelu" else second  # the bias read, or the bias gradient written
+    aux = pre if mode == "dgelu" else second  # the GELU input read, or written
+
+    def run(i: int) -> None:
+        plan.run(i, a, b, vector, out, aux, workspace)
+    candidates, runs = [_TORCH], [lambda: _torch_run(a, b, bias, mode, pre, bias_grad)]
     for i in range(plan.count):
         try:
-            plan.run(i, a, b, bias, out, workspace)
-            ok = bool((out.float() - ref.float()).abs().max() <= tol)
+            run(i)
+            ok = all(_close(got, ref) for got, ref in zip((out, second), refs) if ref is not None)
         except RuntimeError:
             ok = False
         if ok:
             candidates.append((plan, i))
-            runs.append(lambda i=i: plan.run(i, a, b, bias, out, workspace))
+            runs.append(lambda i=i: run(i))
     times = fastest(runs, _gpu_ms)
     best = min(range(len(runs)), key=times.__getitem__)
     _timings[key] = (times[0], times[best])
-    log.debug("tuned matmul %s @ %s%s: %s (%.1f us; torch's %.1f us; %d candidates)", tuple(a.shape), tuple(b.shape),
-              " + bias" if bias is not None else "", "torch" if best == 0 else f"cublaslt #{candidates[best][1]}",
-              times[best] * 1e3, times[0] * 1e3, len(runs))
+    log.debug("tuned matmul %s @ %s%s%s: %s (%.1f us; torch's %.1f us; %d candidates)", tuple(a.shape),
+              tuple(b.shape), " + bias" if bias is not None else "", f" ({mode})" if mode else "",
+              "torch" if best == 0 else f"cublaslt #{candidates[best][1]}", times[best] * 1e3, times[0] * 1e3, len(runs))
     return candidates[best]
+
+
+def _close(got: Tensor, ref: Tensor) -> bool:
+    return bool((got.float() - ref.float()).abs().max() <= 1e-2 * float(ref.abs().max()) + 1e-3)
 
 
 def fastest(runs: list[Callable[[], object]], time_ms: Callable[[Callable[[], object]], float],
@@ -289,7 +402,10 @@ def _check(status: int, what: str) -> None:
 
 _COMPUTE_32F, _SCALE_32F = 68, 0  # cublasComputeType_t, cudaDataType_t
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8  # cublasLtMatmulDescAttributes_t
-_EPILOGUE_BIAS = 4
+_DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
+# cublasLtEpilogue_t: bias; GELU writing its input (aux), with or without a bias; GELU's gradient reading it,
+# with or without the bias gradient
+_EPILOGUES = {("", True): 4, ("gelu", False): 160, ("gelu", True): 164, ("dgelu", False): 192, ("dgelu", True): 208}
 _PREF_MAX_WORKSPACE, _PREF_ALIGN_A, _PREF_ALIGN_B, _PREF_ALIGN_C, _PREF_ALIGN_D = 1, 5, 6, 7, 8
 
 
@@ -297,7 +413,7 @@ class _Plan:
     """One shape's cuBLASLt descriptors and the heuristic's algorithms. C = a @ b (row-major) is computed
     as cuBLAS's column-major C^T = b^T a^T: its A operand is b, its B operand a."""
 
-    def __init__(self, a: Tensor, b: Tensor, bias: Optional[Tensor]):
+    def __init__(self, a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = "", bias_grad: bool = False):
         self.lib, self.handle = _library()
         lib = self.lib
         dtype = _DTYPES[a.dtype]
@@ -307,8 +423,13 @@ class _Plan:
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _SCALE_32F), "MatmulDescCreate")
         self._set(_DESC_TRANSA, ctypes.c_int32(op_b))
         self._set(_DESC_TRANSB, ctypes.c_int32(op_a))
-        if bias is not None:
-            self._set(_DESC_EPILOGUE, ctypes.c_int32(_EPILOGUE_BIAS))
+        self.vector = bias is not None if mode != "dgelu" else bias_grad  # a bias read, or its gradient written
+        self.aux = mode in ("gelu", "dgelu")
+        epilogue = _EPILOGUES.get((mode, self.vector))
+        if epilogue is not None:
+            self._set(_DESC_EPILOGUE, ctypes.c_int32(epilogue))
+        if self.aux:  # the GELU input: laid out as the output
+            self._set(_DESC_AUX_LD, ctypes.c_int64(m))
         self.layout_a, self.layout_b, self.layout_c = (self._layout(dtype, *shape) for shape in
                                                         ((br, bc, bld), (ar, ac, ald), (m, n, m)))
         pref = ctypes.c_void_p()
@@ -338,9 +459,14 @@ class _Plan:
                                                    ctypes.c_uint64(cols), ctypes.c_int64(ld)), "MatrixLayoutCreate")
         return layout
 
-    def run(self, index: int, a: Tensor, b: Tensor, bias: Optional[Tensor], out: Tensor, workspace: Tensor) -> None:
-        if bias is not None:
-            self._set(_DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+    def run(self, index: int, a: Tensor, b: Tensor, vector: Optional[Tensor], out: Tensor, aux: Optional[Tensor],
+            workspace: Tensor) -> None:
+        """out = the mode's product; ``vector``: the bias read or the bias gradient written; ``aux``: the GELU
+        input written (gelu) or read (dgelu)."""
+        if self.vector:
+            self._set(_DESC_BIAS_POINTER, ctypes.c_void_p(vector.data_ptr()))
+        if self.aux:
+            self._set(_DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
         c = ctypes.c_void_p(out.data_ptr())
         stream = ctypes.c_void_p(torch.cuda.current_stream(a.device).cuda_stream)
         _check(self.lib.cublasLtMatmul(
