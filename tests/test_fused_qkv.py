@@ -62,7 +62,7 @@ def merged_block(dropout, targets=("query", "value")):
 
 def merged_terms(rows, adapters):
     """The three LoRA terms (query, key, value) that merged_lora_linear adds onto a zero projection."""
-    out = adapters[0].out_features
+    out = next(a for a in adapters if a is not None).out_features
     return merged_lora_linear(rows, torch.zeros(3 * out, rows.shape[1]), None, adapters).split(out, dim=-1)
 
 
@@ -89,16 +89,21 @@ def test_merged_adapters_share_one_dropout_mask_and_give_each_its_own_term():
     assert not torch.allclose(alone_value, terms[2])
 
 
-def test_merged_adapters_gradients_equal_separate_adapters_without_dropout():
-    attn, rows = merged_block(dropout=0.0, targets=("query", "key", "value"))
+@pytest.mark.parametrize("targets", [("query", "key", "value"), ("query", "value"), ("key", "value")])
+def test_merged_adapters_gradients_equal_separate_adapters_without_dropout(targets):
+    """B's gradient is computed in its nonzero blocks alone (lora._lora_b_grad); each adapter's equals its
+    own, also where a projection between or before them has none."""
+    attn, rows = merged_block(dropout=0.0, targets=targets)
     _, _, adapters, merged = attn.fused_qkv
     assert merged
     rows.requires_grad_(True)
-    params = [p for a in adapters for p in (a.lora_A.weight, a.lora_B.weight)]
+    present = [a for a in adapters if a is not None]
+    params = [p for a in present for p in (a.lora_A.weight, a.lora_B.weight)]
     weights = torch.randn(3, 20, 32)
     got = torch.autograd.grad(sum((t * w).sum() for t, w in zip(merged_terms(rows, adapters), weights)),
                               params + [rows])
-    want = torch.autograd.grad(sum((a.lora_delta(rows) * w).sum() for a, w in zip(adapters, weights)), params + [rows])
+    want = torch.autograd.grad(sum((a.lora_delta(rows) * w).sum() for a, w in zip(adapters, weights) if a is not None),
+                               params + [rows])
     for g, w in zip(got, want):
         assert g.abs().sum() > 0
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

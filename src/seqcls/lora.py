@@ -84,13 +84,17 @@ class LoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, alpha={self.alpha}"
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, lora_b: Tensor) -> Tensor:
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, lora_b: Tensor,
+                blocks: tuple[tuple[int, int, int, int], ...] | None = None) -> Tensor:
     """``x W^T + b + u B^T`` for rows x (n, in) and a LoRA term's A side u (n, dim), B (out, dim): one matrix
     multiply of [x | u] by [W | B]. Adding the term after the base multiply instead reads and writes the
     (n, out) result once more (torch's addmm with a matrix to add first copies it, then multiplies into
     the copy: on roberta-large's fused query/key/value at batch 256, ~0.1 ms a layer). The backward gives
-    the gradients of x and u from one multiply by [W | B], and W's only where W trains. Under autocast it
-    computes in autocast's dtype, as F.linear would. [x | u] is joined outside the autograd function, in
+    the gradients of x and u from one multiply by [W | B], and W's only where W trains. ``blocks`` (rows
+    start, end, columns start, end) name B's only nonzero blocks where it is laid out block-wise
+    (merged_lora_linear): B's gradient is then computed in those alone, each from its rows' slice of the
+    output's gradient (a fused query/key/value with adapters on two of three reads two thirds of it).
+    Under autocast it computes in autocast's dtype, as F.linear would. [x | u] is joined outside the autograd function, in
     the compiled graph."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -98,15 +102,16 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, lora_
         x, weight, u, lora_b = (t.to(dtype) for t in (x, weight, u, lora_b))
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device, enabled=False):
-            return _LoRALinear.apply(torch.cat([x, u], dim=1), weight, bias, lora_b, u)
-    return _LoRALinear.apply(torch.cat([x, u], dim=1), weight, bias, lora_b, u)
+            return _LoRALinear.apply(torch.cat([x, u], dim=1), weight, bias, lora_b, u, blocks)
+    return _LoRALinear.apply(torch.cat([x, u], dim=1), weight, bias, lora_b, u, blocks)
 
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xu, weight, bias, lora_b, u):
+    def forward(ctx, xu, weight, bias, lora_b, u, blocks):
         # xu = [x | u]; u, also apart, is kept for B's gradient (no copy of xu's last columns).
         ctx.save_for_backward(xu[:, :weight.shape[1]] if ctx.needs_input_grad[1] else None, weight, u, lora_b)
+        ctx.blocks = blocks
         return gemm.mm(xu, torch.cat([weight, lora_b], dim=1).t(), bias)
 
     @staticmethod
@@ -119,7 +124,17 @@ class _LoRALinear(torch.autograd.Function):
             dweight = gemm.mm(grad.t(), x)
         if ctx.needs_input_grad[2]:
             dbias = grad.sum(0)
-        return dxu, dweight, dbias, grad.t() @ u if ctx.needs_input_grad[3] else None, None
+        return dxu, dweight, dbias, _lora_b_grad(grad, u, ctx.blocks) if ctx.needs_input_grad[3] else None, None, None
+
+
+def _lora_b_grad(grad: Tensor, u: Tensor, blocks) -> Tensor:
+    """grad^T u, computed only in ``blocks`` (zeros elsewhere) where they are given."""
+    if blocks is None:
+        return grad.t() @ u
+    out = grad.new_zeros(grad.shape[1], u.shape[1])
+    for r0, r1, c0, c1 in blocks:
+        out[r0:r1, c0:c1] = grad[:, r0:r1].t() @ u[:, c0:c1]
+    return out
 
 
 def _in_modules(path: str, module_names: Iterable[str]) -> bool:

@@ -515,14 +515,15 @@ def merged_lora_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     first = present[0]
     u = F.linear(first.lora_dropout(rows), torch.cat([a.lora_A.weight for a in present])) * first.scale
     width, out = u.shape[-1], weight.shape[0] // len(adapters)
-    blocks, start = [], 0
-    for adapter in adapters:
+    blocks, nonzero, start = [], [], 0
+    for i, adapter in enumerate(adapters):
         if adapter is None:
             blocks.append(u.new_zeros(out, width))
         else:
             blocks.append(F.pad(adapter.lora_B.weight, (start, width - start - adapter.dim)))
+            nonzero.append((i * out, (i + 1) * out, start, start + adapter.dim))
             start += adapter.dim
-    return lora_linear(rows, weight, bias, u, torch.cat(blocks))
+    return lora_linear(rows, weight, bias, u, torch.cat(blocks), tuple(nonzero))
 
 
 class RandDropout(torch.nn.Dropout):
