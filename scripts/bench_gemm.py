@@ -5,8 +5,8 @@ LoRA's merged [x | u], 1,040 columns), and with --weight-grads the four weight g
 fine-tuning, at each --tokens row count; each candidate timed on the GPU alone as seqcls.gemm times it
 when tuning (compile.tuned_gemm). Prints per shape torch's time, the heuristic's first algorithm's and the
 fastest's, and per row count the sums. With --gelu also the feed-forward's first multiply with its GELU
-and the second's input gradient with GELU's gradient (and the bias gradient, as full fine-tuning asks):
-torch's matmul and GELU kernels against cuBLASLt's epilogues (compile.gelu_epilogue).
+and the second's input gradient with GELU's gradient: torch's matmul and GELU kernels against cuBLASLt's
+epilogues (compile.gelu_epilogue).
 
     python scripts/bench_gemm.py --tokens 13600,14080,12672
 """
@@ -34,17 +34,16 @@ def shapes(m: int, weight_grads: bool):
 
 
 def cases(m: int, weight_grads: bool, gelu: bool):
-    """(name, a, b, mode, vector, aux): the plain shapes, then the GELU epilogues' (the bias read, or its
-    gradient written; the GELU input written, or read)."""
+    """(name, a, b, mode, bias, aux): the plain shapes, then the GELU epilogues' (the GELU input written,
+    or read)."""
     for name, a, b in shapes(m, weight_grads):
         yield name, a, b, "", None, None
     if gelu:
         bf = dict(device="cuda", dtype=torch.bfloat16)
-        x, bias, pre, dbias = torch.randn(m, 1024, **bf), torch.randn(4096, **bf), torch.randn(m, 4096, **bf), torch.empty(4096, **bf)
+        x, bias, pre = torch.randn(m, 1024, **bf), torch.randn(4096, **bf), torch.randn(m, 4096, **bf)
         w_1, w_2 = torch.randn(4096, 1024, **bf) * 0.03, torch.randn(1024, 4096, **bf) * 0.03
         yield "fwd ffn1+gelu", x, w_1.t(), "gelu", bias, torch.empty_like(pre)
         yield "bwd ffn2 dgelu", x, w_2, "dgelu", None, pre
-        yield "bwd ffn2 dgelu+db", x, w_2, "dgelu", dbias, pre
 
 
 def main() -> None:
@@ -60,14 +59,14 @@ def main() -> None:
     workspace = torch.empty(gemm.WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     for m in (int(t) for t in args.tokens.split(",")):
         total_torch = total_best = 0.0
-        for name, a, b, mode, vector, aux in cases(m, args.weight_grads, args.gelu):
-            plan = gemm._Plan(a, b, vector if mode != "dgelu" else None, mode, vector is not None)
+        for name, a, b, mode, bias, aux in cases(m, args.weight_grads, args.gelu):
+            plan = gemm._Plan(a, b, bias, mode)
             out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device="cuda")
             if mode:
-                runs = [lambda: gemm._torch_run(a, b, vector if mode == "gelu" else None, mode, aux, vector is not None)]
+                runs = [lambda: gemm._torch_run(a, b, bias, mode, aux)]
             else:
                 runs = [lambda: torch.mm(a, b, out=out)]
-            runs += [lambda i=i: plan.run(i, a, b, vector, out, aux, workspace) for i in range(plan.count)]
+            runs += [lambda i=i: plan.run(i, a, b, bias, out, aux, workspace) for i in range(plan.count)]
             times = [t * 1e3 for t in gemm.fastest(runs, gemm._gpu_ms, rounds=3)]
             best = min(range(len(times)), key=times.__getitem__)
             flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]

@@ -101,13 +101,13 @@ def mm_gelu(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> tuple[Tensor
     return _torch_run(a, b, bias, "gelu")
 
 
-def mm_dgelu(a: Tensor, b: Tensor, pre: Tensor, bias_grad: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-    """(gelu'(pre) * (a @ b), its column sums where ``bias_grad``): the gradient of a GELU's input (tanh form)
-    from that of its output, a @ b, and the input ``pre``; through cuBLASLt's epilogue where ENABLED."""
+def mm_dgelu(a: Tensor, b: Tensor, pre: Tensor) -> Tensor:
+    """gelu'(pre) * (a @ b): the gradient of a GELU's input (tanh form) from that of its output, a @ b, and
+    the input ``pre``; through cuBLASLt's epilogue where ENABLED. (cuBLASLt's epilogue that also sums the
+    bias gradient ran slower on an H100 at roberta-large's sizes than this one and a separate sum.)"""
     if _routed(a, b, pre):
-        grad, sums = torch.ops.seqcls.tuned_mm_dgelu(a, b, pre, bias_grad)
-        return grad, sums if bias_grad else None
-    return _torch_run(a, b, None, "dgelu", pre, bias_grad)
+        return torch.ops.seqcls.tuned_mm_dgelu(a, b, pre)
+    return _torch_run(a, b, None, "dgelu", pre)[0]
 
 
 def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> Tensor:
@@ -138,7 +138,8 @@ class _GeluMLP(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx = dw1 = db1 = None
         if need[0] or need[1] or need[2]:
-            dpre, db1 = mm_dgelu(grad, w2, pre, bias_grad=need[2])
+            dpre = mm_dgelu(grad, w2, pre)
+            db1 = dpre.sum(0) if need[2] else None
             dx = mm(dpre, w1) if need[0] else None
             dw1 = mm(dpre.t(), x) if need[1] else None
         return (dx, dw1, db1, mm(grad.t(), act) if need[3] else None, grad.sum(0) if need[4] else None)
@@ -184,13 +185,13 @@ def _(a, b, bias):
 
 
 @torch.library.custom_op("seqcls::tuned_mm_dgelu", mutates_args=())
-def _mm_dgelu_op(a: Tensor, b: Tensor, pre: Tensor, bias_grad: bool) -> tuple[Tensor, Tensor]:
-    return _tuned(a, b, None, "dgelu", pre, bias_grad)
+def _mm_dgelu_op(a: Tensor, b: Tensor, pre: Tensor) -> Tensor:
+    return _tuned(a, b, None, "dgelu", pre)[0]
 
 
 @_mm_dgelu_op.register_fake
-def _(a, b, pre, bias_grad):
-    return a.new_empty((a.shape[0], b.shape[1])), a.new_empty((b.shape[1] if bias_grad else 0,))
+def _(a, b, pre):
+    return a.new_empty((a.shape[0], b.shape[1]))
 
 
 @torch.library.custom_op("seqcls::tuned_linear", mutates_args=())
@@ -228,15 +229,14 @@ def _torch_mm(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
-def _torch_run(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = "", pre: Optional[Tensor] = None,
-               bias_grad: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+def _torch_run(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = "",
+               pre: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """A mode's two outputs as torch computes them (the second None where there is none)."""
     if mode == "gelu":
         pre = _torch_mm(a, b, bias)
         return F.gelu(pre, approximate="tanh"), pre
     if mode == "dgelu":
-        grad = torch.ops.aten.gelu_backward(torch.mm(a, b), pre, approximate="tanh")
-        return grad, grad.sum(0) if bias_grad else None
+        return torch.ops.aten.gelu_backward(torch.mm(a, b), pre, approximate="tanh"), None
     return _torch_mm(a, b, bias), None
 
 
@@ -257,46 +257,46 @@ def _alignment(t: Tensor) -> int:
     return 256 if ptr % 256 == 0 else ptr & -ptr
 
 
-def _key(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, pre: Optional[Tensor], bias_grad: bool) -> tuple:
+def _key(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, pre: Optional[Tensor]) -> tuple:
     return (tuple(a.shape), a.stride(), tuple(b.shape), b.stride(), a.dtype, bias is not None, a.device.index,
-            _alignment(a), _alignment(b), 0 if bias is None else _alignment(bias), mode, bias_grad,
+            _alignment(a), _alignment(b), 0 if bias is None else _alignment(bias), mode,
             0 if pre is None else _alignment(pre))
 
 
-def _tuned(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = "", pre: Optional[Tensor] = None,
-           bias_grad: bool = False) -> tuple[Tensor, Tensor]:
+def _tuned(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = "",
+           pre: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """A mode's outputs from the shape's chosen algorithm (a missing second output as an empty tensor)."""
-    out = _tuned_run(a, b, bias, mode, pre, bias_grad)
+    out = _tuned_run(a, b, bias, mode, pre)
     return out[0], out[1] if out[1] is not None else a.new_empty((0,))
 
 
-def _tuned_run(a, b, bias, mode, pre, bias_grad) -> tuple[Tensor, Optional[Tensor]]:
+def _tuned_run(a, b, bias, mode, pre) -> tuple[Tensor, Optional[Tensor]]:
     if (not a.is_cuda or min(a.shape[0], a.shape[1], b.shape[1]) < 2 or _layout(a) is None or _layout(b) is None
             or (bias is not None and not bias.is_contiguous())  # cuBLASLt's bias epilogue reads a packed vector
             or (pre is not None and (not pre.is_contiguous() or pre.dtype != a.dtype))):
-        return _torch_run(a, b, bias, mode, pre, bias_grad)
-    key = _key(a, b, bias, mode, pre, bias_grad)
+        return _torch_run(a, b, bias, mode, pre)
+    key = _key(a, b, bias, mode, pre)
     choice = _choices.get(key)
     if choice is None:
         if torch.cuda.is_current_stream_capturing() or _library() is None:
-            return _torch_run(a, b, bias, mode, pre, bias_grad)
-        choice = _choices[key] = _tune(key, a, b, bias, mode, pre, bias_grad)
+            return _torch_run(a, b, bias, mode, pre)
+        choice = _choices[key] = _tune(key, a, b, bias, mode, pre)
     if choice is _TORCH:
-        return _torch_run(a, b, bias, mode, pre, bias_grad)
+        return _torch_run(a, b, bias, mode, pre)
     workspace = _workspace(a.device)
     if workspace is None:
-        return _torch_run(a, b, bias, mode, pre, bias_grad)
+        return _torch_run(a, b, bias, mode, pre)
     plan, index = choice
-    out, second = _outputs(a, b, mode, bias_grad)
-    plan.run(index, a, b, bias if mode != "dgelu" else second, out, pre if mode == "dgelu" else second, workspace)
+    out, second = _outputs(a, b, mode)
+    plan.run(index, a, b, bias, out, pre if mode == "dgelu" else second, workspace)
     return out, second
 
 
-def _outputs(a: Tensor, b: Tensor, mode: str, bias_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+def _outputs(a: Tensor, b: Tensor, mode: str) -> tuple[Tensor, Optional[Tensor]]:
     out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
     if mode == "gelu":
         return out, torch.empty_like(out)
-    return out, (a.new_empty((b.shape[1],)) if mode == "dgelu" and bias_grad else None)
+    return out, None
 
 
 def _workspace(device: torch.device) -> Optional[Tensor]:
@@ -311,20 +311,18 @@ def _workspace(device: torch.device) -> Optional[Tensor]:
     return _workspaces[key]
 
 
-def _tune(key: tuple, a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, pre: Optional[Tensor],
-          bias_grad: bool):
+def _tune(key: tuple, a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, pre: Optional[Tensor]):
     """The fastest of torch's matmul (and, for an epilogue's mode, torch's kernels after it) and the
     heuristic's algorithms for this shape, each checked against torch's outputs first."""
     workspace = _workspace(a.device)
-    plan = _Plan(a, b, bias, mode, bias_grad)
-    refs = _torch_run(a, b, bias, mode, pre, bias_grad)
-    out, second = _outputs(a, b, mode, bias_grad)
-    vector = bias if mode != "dgelu" else second  # the bias read, or the bias gradient written
+    plan = _Plan(a, b, bias, mode)
+    refs = _torch_run(a, b, bias, mode, pre)
+    out, second = _outputs(a, b, mode)
     aux = pre if mode == "dgelu" else second  # the GELU input read, or written
 
     def run(i: int) -> None:
-        plan.run(i, a, b, vector, out, aux, workspace)
-    candidates, runs = [_TORCH], [lambda: _torch_run(a, b, bias, mode, pre, bias_grad)]
+        plan.run(i, a, b, bias, out, aux, workspace)
+    candidates, runs = [_TORCH], [lambda: _torch_run(a, b, bias, mode, pre)]
     for i in range(plan.count):
         try:
             run(i)
@@ -403,9 +401,9 @@ def _check(status: int, what: str) -> None:
 _COMPUTE_32F, _SCALE_32F = 68, 0  # cublasComputeType_t, cudaDataType_t
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8  # cublasLtMatmulDescAttributes_t
 _DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
-# cublasLtEpilogue_t: bias; GELU writing its input (aux), with or without a bias; GELU's gradient reading it,
-# with or without the bias gradient
-_EPILOGUES = {("", True): 4, ("gelu", False): 160, ("gelu", True): 164, ("dgelu", False): 192, ("dgelu", True): 208}
+# cublasLtEpilogue_t (mode, bias): bias; GELU writing its input (aux), without or with a bias; GELU's gradient
+# reading it
+_EPILOGUES = {("", True): 4, ("gelu", False): 160, ("gelu", True): 164, ("dgelu", False): 192}
 _PREF_MAX_WORKSPACE, _PREF_ALIGN_A, _PREF_ALIGN_B, _PREF_ALIGN_C, _PREF_ALIGN_D = 1, 5, 6, 7, 8
 
 
@@ -413,7 +411,7 @@ class _Plan:
     """One shape's cuBLASLt descriptors and the heuristic's algorithms. C = a @ b (row-major) is computed
     as cuBLAS's column-major C^T = b^T a^T: its A operand is b, its B operand a."""
 
-    def __init__(self, a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = "", bias_grad: bool = False):
+    def __init__(self, a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = ""):
         self.lib, self.handle = _library()
         lib = self.lib
         dtype = _DTYPES[a.dtype]
@@ -423,9 +421,9 @@ class _Plan:
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _SCALE_32F), "MatmulDescCreate")
         self._set(_DESC_TRANSA, ctypes.c_int32(op_b))
         self._set(_DESC_TRANSB, ctypes.c_int32(op_a))
-        self.vector = bias is not None if mode != "dgelu" else bias_grad  # a bias read, or its gradient written
+        self.bias = bias is not None
         self.aux = mode in ("gelu", "dgelu")
-        epilogue = _EPILOGUES.get((mode, self.vector))
+        epilogue = _EPILOGUES.get((mode, self.bias))
         if epilogue is not None:
             self._set(_DESC_EPILOGUE, ctypes.c_int32(epilogue))
         if self.aux:  # the GELU input: laid out as the output
@@ -459,12 +457,11 @@ class _Plan:
                                                    ctypes.c_uint64(cols), ctypes.c_int64(ld)), "MatrixLayoutCreate")
         return layout
 
-    def run(self, index: int, a: Tensor, b: Tensor, vector: Optional[Tensor], out: Tensor, aux: Optional[Tensor],
+    def run(self, index: int, a: Tensor, b: Tensor, bias: Optional[Tensor], out: Tensor, aux: Optional[Tensor],
             workspace: Tensor) -> None:
-        """out = the mode's product; ``vector``: the bias read or the bias gradient written; ``aux``: the GELU
-        input written (gelu) or read (dgelu)."""
-        if self.vector:
-            self._set(_DESC_BIAS_POINTER, ctypes.c_void_p(vector.data_ptr()))
+        """out = the mode's product; ``aux``: the GELU input written (gelu) or read (dgelu)."""
+        if self.bias:
+            self._set(_DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
         if self.aux:
             self._set(_DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
         c = ctypes.c_void_p(out.data_ptr())
