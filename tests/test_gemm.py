@@ -132,7 +132,7 @@ def test_gelu_mlp_under_autocast_computes_in_its_dtype():
 
 
 @pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu"])
-def test_gelu_epilogue_mlps_keep_the_models_outputs_and_skip_adapted_feed_forwards(act):
+def test_gelu_epilogue_mlps_keep_the_models_outputs_and_skip_adapted_or_trained_feed_forwards(act):
     from seqcls.models import from_config, gelu_epilogue_mlps
     torch.manual_seed(0)
     model = from_config("roberta", num_labels=2, config_overrides=dict(
@@ -149,6 +149,15 @@ def test_gelu_epilogue_mlps_keep_the_models_outputs_and_skip_adapted_feed_forwar
         torch.testing.assert_close(after, before)
     else:  # erf's GELU against the tanh form: close, not equal
         assert 0 < (after - before).abs().max() < 1e-3
+    for p in layer[0].output.dense.parameters():
+        p.requires_grad_(False)
+    for i in (0, 2):
+        del layer[i].feed_forward_chunk
+    assert gelu_epilogue_mlps(model, trained=False) == 0  # layer 0's intermediate dense still trains
+    for p in layer[0].intermediate.dense.parameters():
+        p.requires_grad_(False)
+    assert gelu_epilogue_mlps(model, trained=False) == 1 and "feed_forward_chunk" in vars(layer[0])
+    assert "feed_forward_chunk" not in vars(layer[2])
     assert gelu_epilogue_mlps(from_config("roberta", num_labels=2, config_overrides=dict(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100,
         hidden_act="relu"))) == 0

@@ -149,12 +149,12 @@ def tuned_linears(model: PreTrainedModel) -> int:
 GELUS = ("gelu", "gelu_new", "gelu_pytorch_tanh")  # hidden_act values gelu_epilogue_mlps takes
 
 
-def gelu_epilogue_mlps(model: PreTrainedModel) -> int:
+def gelu_epilogue_mlps(model: PreTrainedModel, *, trained: bool = True) -> int:
     """Compute each encoder layer's feed-forward with seqcls.gemm.gelu_mlp (compile.gelu_epilogue): its
     GELU in the first matrix multiply's epilogue, the GELU's gradient in the second's backward. Layers
-    whose feed-forward Linears carry LoRA adapters keep theirs. GELU becomes its tanh form, which differs
-    from erf's ("gelu") by at most 4.7e-4, a sixteenth of bf16's rounding of an output there (~2.7).
-    Returns how many layers."""
+    whose feed-forward Linears carry LoRA adapters keep theirs, and with ``trained=False`` so do those
+    whose feed-forward weights train. GELU becomes its tanh form, which differs from erf's ("gelu") by at
+    most 4.7e-4, a sixteenth of bf16's rounding of an output there (~2.7). Returns how many layers."""
     layers = _encoder_layers(model)
     if layers is None or getattr(model.config, "hidden_act", None) not in GELUS:
         return 0
@@ -162,7 +162,8 @@ def gelu_epilogue_mlps(model: PreTrainedModel) -> int:
     for layer in layers:
         inter, out = getattr(layer, "intermediate", None), getattr(layer, "output", None)
         if (isinstance(getattr(inter, "dense", None), torch.nn.Linear) and isinstance(getattr(out, "dense", None), torch.nn.Linear)
-                and all(hasattr(out, a) for a in ("dropout", "LayerNorm")) and hasattr(layer, "feed_forward_chunk")):
+                and all(hasattr(out, a) for a in ("dropout", "LayerNorm")) and hasattr(layer, "feed_forward_chunk")
+                and (trained or not any(p.requires_grad for m in (inter.dense, out.dense) for p in m.parameters()))):
             layer.feed_forward_chunk = types.MethodType(_gelu_feed_forward, layer)
             n += 1
     return n
