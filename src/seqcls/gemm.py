@@ -12,6 +12,11 @@ timed at its next call outside one; the step graphs warm each shape up before ca
 
 Every candidate accumulates in fp32; they may sum in another order than torch's pick (other tiles,
 split-K), as torch's own picks do from one shape to the next.
+
+gelu_mlp (compile.gelu_epilogue) asks cuBLASLt for GELU in a matrix multiply's epilogue: forward, the
+feed-forward's first multiply writes GELU's output and its input; backward, the second's input gradient
+comes out multiplied by GELU's derivative. Those shapes are timed the same way, against torch's matmul
+followed by its GELU kernel.
 """
 
 from __future__ import annotations
@@ -224,7 +229,7 @@ _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 # ------------------------------------------------------------------------------------------ the tuning
 # A matrix multiply's mode: "" (a @ b, + bias), "gelu" (gelu(a @ b + bias) and a @ b + bias, its input),
-# "dgelu" (gelu'(pre) * (a @ b), and its column sums where asked). GELU is the tanh form, cuBLASLt's.
+# "dgelu" (gelu'(pre) * (a @ b), GELU's input gradient). GELU is the tanh form, cuBLASLt's.
 def _torch_mm(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
