@@ -169,3 +169,15 @@ def test_gelu_epilogue_asked_for_without_tuned_gemm_is_one_clear_error(tmp_path)
     with pytest.raises(ConfigError, match=r"compile.gelu_epilogue=true needs the tuned matrix multiplies .* "
                                           r"use compile.gelu_epilogue=null"):
         build_trainer(cfg, tmp_path / "run")
+
+
+def test_close_checks_every_row_block_against_the_largest_reference_value():
+    torch.manual_seed(0)
+    ref = torch.randn(2500, 16, dtype=torch.bfloat16)
+    ok = ref + (ref.abs().max() * 5e-3).to(torch.bfloat16)
+    assert gemm._close(ok, ref, rows=1024)
+    for row in (0, 1023, 1024, 2499):  # the first, a block's last, the next block's first, the short last block
+        bad = ref.clone()
+        bad[row, 3] += ref.abs().max() * 0.05
+        assert not gemm._close(bad, ref, rows=1024), row
+    assert gemm._close(ok[:7], ref[:7])  # fewer rows than a block

@@ -346,8 +346,15 @@ def _tune(key: tuple, a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, p
     return candidates[best]
 
 
-def _close(got: Tensor, ref: Tensor) -> bool:
-    return bool((got.float() - ref.float()).abs().max() <= 1e-2 * float(ref.abs().max()) + 1e-3)
+def _close(got: Tensor, ref: Tensor, rows: int = 1024) -> bool:
+    """max |got - ref| <= 1e-2 max |ref| + 1e-3, over blocks of rows: a shape is tuned at its first call,
+    often deep in a backward where memory peaks, and fp32 copies of a whole (13,600, 4,096) product and
+    its difference would add ~0.7 GiB there."""
+    err = top = torch.zeros((), device=ref.device)
+    for g, r in zip(got.split(rows), ref.split(rows)):
+        r = r.float()
+        err, top = torch.maximum(err, (g.float() - r).abs().max()), torch.maximum(top, r.abs().max())
+    return bool(err <= 1e-2 * top + 1e-3)
 
 
 def fastest(runs: list[Callable[[], object]], time_ms: Callable[[Callable[[], object]], float],
