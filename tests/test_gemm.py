@@ -133,7 +133,7 @@ def test_gelu_mlp_under_autocast_computes_in_its_dtype():
 
 @pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu"])
 def test_gelu_epilogue_mlps_keep_the_models_outputs_and_skip_adapted_or_trained_feed_forwards(act):
-    from seqcls.models import from_config, gelu_epilogue_mlps
+    from seqcls.models import first_token_last_layer, from_config, gelu_epilogue_mlps
     torch.manual_seed(0)
     model = from_config("roberta", num_labels=2, config_overrides=dict(
         hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, vocab_size=100,
@@ -149,6 +149,8 @@ def test_gelu_epilogue_mlps_keep_the_models_outputs_and_skip_adapted_or_trained_
         torch.testing.assert_close(after, before)
     else:  # erf's GELU against the tanh form: close, not equal
         assert 0 < (after - before).abs().max() < 1e-3
+    assert first_token_last_layer(model)  # its feed-forward on one row a sequence goes through the patch too
+    torch.testing.assert_close(model(input_ids=ids).logits, after)
     for p in layer[0].output.dense.parameters():
         p.requires_grad_(False)
     for i in (0, 2):
