@@ -94,11 +94,17 @@ def test_summary_sums_the_tuned_shapes_times(monkeypatch):
     monkeypatch.setattr(gemm, "_timings", {})
     monkeypatch.setattr(gemm, "_choices", {})
     assert gemm.summary() == "tuned matmul: no shape tuned"
-    gemm._timings.update({("a",): (0.2, 0.15), ("b",): (0.1, 0.1)})
-    gemm._choices.update({("a",): (object(), 3), ("b",): gemm._TORCH})
+    x, w = torch.randn(6, 5), torch.randn(5, 4)
+    a, b = gemm._key(x, w, None, "", None), gemm._key(x[:4], w, None, "", None)
+    gemm._timings.update({a: (0.2, 0.15), b: (0.1, 0.1)})
+    gemm._choices.update({a: (object(), 3), b: gemm._TORCH})
     line = gemm.summary()
-    assert "2 shapes, 1 on a cuBLASLt algorithm" in line and "torch's picks 0.30 ms" in line
+    assert "2 shapes, 1 on a cuBLASLt algorithm;" in line and "torch's picks 0.30 ms" in line
     assert "the choices 0.25 ms (16.7% less)" in line
+    gelu, dgelu = gemm._key(x, w, None, "gelu", None), gemm._key(x, w, None, "dgelu", x)
+    gemm._timings.update({gelu: (0.3, 0.2), dgelu: (0.3, 0.3)})
+    gemm._choices.update({gelu: (object(), 0), dgelu: gemm._TORCH})
+    assert "4 shapes, 2 on a cuBLASLt algorithm (1 of 2 GELU shapes with cuBLASLt's epilogue);" in gemm.summary()
 
 
 @pytest.mark.parametrize("trains", ["all", "frozen weights", "no biases"])

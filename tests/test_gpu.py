@@ -521,7 +521,7 @@ def test_gelu_epilogues_match_torch_and_train_as_the_unfused_block():
             dpre = gemm.mm_dgelu(grad, w2, pre)
             want = torch.ops.aten.gelu_backward(grad.float() @ w2.float(), pre.float(), approximate="tanh")
             assert (dpre.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
-        modes = {k[10] for k in gemm.choices()}
+        modes = {k[gemm.KEY_MODE] for k in gemm.choices()}
         assert {"gelu", "dgelu"} <= modes
 
         def loss(f, *ts):

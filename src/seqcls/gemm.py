@@ -68,7 +68,10 @@ def summary() -> str:
         return "tuned matmul: no shape tuned"
     torch_ms, best_ms = (sum(t[i] for t in _timings.values()) for i in (0, 1))
     kept = sum(v is not _TORCH for v in _choices.values())
-    return (f"tuned matmul: {len(_timings)} shapes, {kept} on a cuBLASLt algorithm; one call of each: torch's picks "
+    gelu = [v for k, v in _choices.items() if k[KEY_MODE]]
+    epilogues = (f" ({sum(v is not _TORCH for v in gelu)} of {len(gelu)} GELU shapes with cuBLASLt's epilogue)"
+                 if gelu else "")
+    return (f"tuned matmul: {len(_timings)} shapes, {kept} on a cuBLASLt algorithm{epilogues}; one call of each: torch's picks "
             f"{torch_ms:.2f} ms, the choices {best_ms:.2f} ms ({100 * (1 - best_ms / torch_ms):.1f}% less)")
 
 
@@ -260,6 +263,9 @@ def _layout(t: Tensor) -> Optional[tuple[int, int, int, int]]:
 def _alignment(t: Tensor) -> int:
     ptr = t.data_ptr()
     return 256 if ptr % 256 == 0 else ptr & -ptr
+
+
+KEY_MODE = 10  # where a shape key holds its mode
 
 
 def _key(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, pre: Optional[Tensor]) -> tuple:
