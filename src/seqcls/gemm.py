@@ -123,12 +123,19 @@ def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
     form. Where ENABLED the GELU runs in the first matrix multiply's epilogue and its gradient in that of
     the second's backward (no pass of its own over the (n, 4 * hidden) activations either way). Under
     autocast it computes in autocast's dtype, as F.linear would."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2))
-        with torch.autocast(x.device.type, enabled=False):
-            return _GeluMLP.apply(x, w1, b1, w2, b2)
-    return _GeluMLP.apply(x, w1, b1, w2, b2)
+    return in_autocast_dtype(_GeluMLP.apply, x, w1, b1, w2, b2)
+
+
+def in_autocast_dtype(function: Callable[..., Tensor], x: Tensor, *others: Optional[Tensor]) -> Tensor:
+    """function(x, *others), where autocast is on for x's device with every tensor cast to autocast's dtype
+    and autocast off inside (as F.linear computes under autocast): for autograd functions whose matrix
+    multiplies bypass autocast."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return function(x, *others)
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return function(x.to(dtype), *(None if t is None else t.to(dtype) for t in others))
 
 
 class _GeluMLP(torch.autograd.Function):
@@ -184,7 +191,7 @@ def _(a, b, bias):
 
 @torch.library.custom_op("seqcls::tuned_mm_gelu", mutates_args=())
 def _mm_gelu_op(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _tuned(a, b, bias, "gelu")
+    return _tuned(a, b, bias, "gelu")  # its second output, the GELU input, is never None
 
 
 @_mm_gelu_op.register_fake
@@ -275,13 +282,8 @@ def _key(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, pre: Optional[
 
 
 def _tuned(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = "",
-           pre: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """A mode's outputs from the shape's chosen algorithm (a missing second output as an empty tensor)."""
-    out = _tuned_run(a, b, bias, mode, pre)
-    return out[0], out[1] if out[1] is not None else a.new_empty((0,))
-
-
-def _tuned_run(a, b, bias, mode, pre) -> tuple[Tensor, Optional[Tensor]]:
+           pre: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """A mode's outputs (see _torch_run) from the shape's chosen algorithm, tuning it at its first call."""
     if (not a.is_cuda or min(a.shape[0], a.shape[1], b.shape[1]) < 2 or _layout(a) is None or _layout(b) is None
             or (bias is not None and not bias.is_contiguous())  # cuBLASLt's bias epilogue reads a packed vector
             or (pre is not None and (not pre.is_contiguous() or pre.dtype != a.dtype))):

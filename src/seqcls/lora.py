@@ -94,16 +94,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, lora_
     start, end, columns start, end) name B's only nonzero blocks where it is laid out block-wise
     (merged_lora_linear): B's gradient is then computed in those alone, each from its rows' slice of the
     output's gradient (a fused query/key/value with adapters on two of three reads two thirds of it).
-    Under autocast it computes in autocast's dtype, as F.linear would. [x | u] is joined outside the autograd function, in
-    the compiled graph."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x, weight, u, lora_b = (t.to(dtype) for t in (x, weight, u, lora_b))
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device, enabled=False):
-            return _LoRALinear.apply(torch.cat([x, u], dim=1), weight, bias, lora_b, u, blocks)
-    return _LoRALinear.apply(torch.cat([x, u], dim=1), weight, bias, lora_b, u, blocks)
+    Under autocast it computes in autocast's dtype, as F.linear would. [x | u] is joined outside the
+    autograd function, in the compiled graph."""
+    return gemm.in_autocast_dtype(
+        lambda x, weight, bias, u, lora_b: _LoRALinear.apply(torch.cat([x, u], dim=1), weight, bias, lora_b, u, blocks),
+        x, weight, bias, u, lora_b)
 
 
 class _LoRALinear(torch.autograd.Function):

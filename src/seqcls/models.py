@@ -161,9 +161,10 @@ def gelu_epilogue_mlps(model: PreTrainedModel, *, trained: bool = True) -> int:
     n = 0
     for layer in layers:
         inter, out = getattr(layer, "intermediate", None), getattr(layer, "output", None)
-        if (isinstance(getattr(inter, "dense", None), torch.nn.Linear) and isinstance(getattr(out, "dense", None), torch.nn.Linear)
-                and all(hasattr(out, a) for a in ("dropout", "LayerNorm")) and hasattr(layer, "feed_forward_chunk")
-                and (trained or not any(p.requires_grad for m in (inter.dense, out.dense) for p in m.parameters()))):
+        denses = (getattr(inter, "dense", None), getattr(out, "dense", None))
+        if (all(isinstance(d, torch.nn.Linear) for d in denses) and hasattr(layer, "feed_forward_chunk")
+                and all(hasattr(out, a) for a in ("dropout", "LayerNorm"))
+                and (trained or not any(p.requires_grad for d in denses for p in d.parameters()))):
             layer.feed_forward_chunk = types.MethodType(_gelu_feed_forward, layer)
             n += 1
     return n
