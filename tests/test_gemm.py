@@ -2,6 +2,9 @@
 layouts cuBLASLt is given, and which Linears are routed. The cuBLASLt path itself runs on a GPU
 (tests/test_gpu.py -k tuned_gemm)."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,3 +192,125 @@ def test_close_checks_every_row_block_against_the_largest_reference_value():
         bad[row, 3] += ref.abs().max() * 0.05
         assert not gemm._close(bad, ref, rows=1024), row
     assert gemm._close(ok[:7], ref[:7])  # fewer rows than a block
+
+
+class _FakePlan:
+    """Stands in for cuBLASLt's plan on CPU: ``count`` algorithms, each torch's product except those in
+    ``wrong`` (which give a wrong one); ``listed`` changes what the heuristic lists."""
+    count, wrong, listed, last = 3, set(), 0, None
+
+    def __init__(self, a, b, bias, mode=""):
+        import ctypes
+        self.results = [type("R", (), {"algo": (ctypes.c_uint64 * 8)(i + 1, _FakePlan.listed)})()
+                        for i in range(self.count)]
+
+    def run(self, i, a, b, bias, out, aux, workspace):
+        _FakePlan.last = i
+        out.copy_(gemm._torch_mm(a, b, bias) + (100.0 if i in _FakePlan.wrong else 0.0))
+
+
+@pytest.fixture
+def fake_tuning(monkeypatch, tmp_path):
+    """gemm._tune on CPU: a fake plan, and a clock under which the heuristic's algorithm #1 is fastest.
+    Returns the list of timed calls (one entry a timing) and the cache folder."""
+    timed = []
+    clock = {None: 5.0, 0: 4.0, 1: 1.0, 2: 3.0}  # the algorithm run (None: torch's matmul) -> ms
+
+    def gpu_ms(run):
+        _FakePlan.last = None
+        run()
+        timed.append(_FakePlan.last)
+        return clock[_FakePlan.last]
+    for name, value in [("_Plan", _FakePlan), ("_workspace", lambda device: None), ("_gpu_ms", gpu_ms),
+                        ("_gpu_name", lambda device: "Fake GPU"), ("_lt_version", lambda: 120000),
+                        ("_choices", {}), ("_timings", {}), ("_cached", set()), ("_unwritable", set())]:
+        monkeypatch.setattr(gemm, name, value)
+    monkeypatch.setattr(_FakePlan, "wrong", set())
+    monkeypatch.setattr(_FakePlan, "listed", 0)
+    folder = tmp_path / "cache"
+    gemm.enable(False, cache_dir=folder)
+    yield timed, folder
+    gemm.enable(False)
+
+
+def _tune_fresh(a, b):
+    """The choice for a @ b as a new process would make it (nothing in memory)."""
+    gemm._choices.clear()
+    gemm._timings.clear()
+    key = gemm._key(a, b, None, "", None)
+    return key, gemm._tune(key, a, b, None, "", None)
+
+
+def test_tuned_choices_are_kept_on_disk_and_taken_from_there_by_later_runs(fake_tuning):
+    timed, folder = fake_tuning
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    key, choice = _tune_fresh(a, b)
+    assert choice[1] == 1 and len(timed) == 8  # torch and 3 algorithms, 2 rounds; #1 (1.0 ms) kept
+    files = list(folder.glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["choice"] == 1
+    assert "from the cache" not in gemm.summary()
+    key2, again = _tune_fresh(a, b)
+    assert key2 == key and again[1] == 1 and len(timed) == 8  # nothing timed the second time
+    assert key in gemm._cached and gemm._timings[key] == (5.0, 1.0)
+    assert "1 shapes, 1 of them from the cache" in gemm.summary()
+    _tune_fresh(torch.randn(64, 32), torch.randn(32, 24))  # another shape: its own file, timed
+    assert len(list(folder.glob("*.json"))) == 2 and len(timed) == 16
+
+
+@pytest.mark.parametrize("change", ["wrong product", "other algorithms", "corrupt file", "another GPU",
+                                    "torch's pick kept"])
+def test_a_cache_entry_that_no_longer_holds_is_timed_again_and_rewritten(fake_tuning, monkeypatch, change):
+    timed, folder = fake_tuning
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    _tune_fresh(a, b)
+    (path,) = folder.glob("*.json")
+    if change == "wrong product":  # the kept algorithm now differs from torch's product: never run it
+        _FakePlan.wrong = {1}
+    elif change == "other algorithms":  # a driver update: index 1 may be another algorithm now
+        _FakePlan.listed = 7
+    elif change == "corrupt file":
+        path.write_text('{"choice": 1, "algor')
+    elif change == "another GPU":
+        monkeypatch.setattr(gemm, "_gpu_name", lambda device: "Other GPU")
+    else:  # an entry keeping torch's matmul needs no check of a cuBLASLt product
+        entry = json.loads(path.read_text())
+        path.write_text(json.dumps({**entry, "choice": "torch"}))
+        _, choice = _tune_fresh(a, b)
+        assert choice is gemm._TORCH and len(timed) == 8
+        return
+    _, choice = _tune_fresh(a, b)
+    assert len(timed) == (14 if change == "wrong product" else 16)  # timed anew (without #1 where it is wrong)
+    if change == "wrong product":
+        assert choice[1] == 2  # #1 is no longer a candidate: the next fastest (3.0 ms)
+        assert json.loads(path.read_text())["choice"] == 2
+    elif change == "another GPU":
+        assert len(list(folder.glob("*.json"))) == 2  # its own entry beside the first GPU's
+    else:
+        assert choice[1] == 1 and json.loads(path.read_text())["choice"] == 1
+
+
+def test_an_unwritable_cache_folder_warns_once_and_tuning_goes_on(fake_tuning, tmp_path, caplog):
+    timed, _ = fake_tuning
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    gemm.enable(False, cache_dir=blocker / "cache")  # a folder that cannot be made
+    with caplog.at_level("WARNING", logger="seqcls"):
+        _, choice = _tune_fresh(torch.randn(64, 32), torch.randn(32, 16))
+        _tune_fresh(torch.randn(64, 32), torch.randn(32, 24))
+    assert choice[1] == 1 and len(timed) == 16
+    warnings = [r.getMessage() for r in caplog.records if "tuned_gemm_cache" in r.getMessage()]
+    assert len(warnings) == 1 and "cannot write" in warnings[0]
+
+
+@pytest.mark.parametrize("setting,want", [(None, "default"), ("none", None), ("/shared/gemm", "path")])
+def test_tuned_gemm_cache_setting_names_the_folder(tmp_path, monkeypatch, setting, want):
+    from seqcls.build import tuned_gemm_cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cfg = compose_cfg(["compile.tuned_gemm_cache=" + ("null" if setting is None else setting)])
+    got = tuned_gemm_cache(cfg)
+    if want == "default":
+        assert got == tmp_path / "xdg" / "seqcls" / "tuned_gemm"
+    elif want == "path":
+        assert got == Path("/shared/gemm")
+    else:
+        assert got is None

@@ -22,7 +22,8 @@ SMALL = ["model=tiny_roberta", "model.config_overrides.hidden_size=64", "model.c
          "compile.dynamic=true",  # one compilation for all lengths: the tests spend less time compiling
          "step_scheduler.global_batch_size=16", "step_scheduler.local_batch_size=8",  # 2 micro-batches a step
          "step_scheduler.max_steps=12", "step_scheduler.log_every_steps=1", "optimizer.lr=1e-3",
-         "lr_scheduler=linear", "lr_scheduler.warmup_ratio=0.25"]
+         "lr_scheduler=linear", "lr_scheduler.warmup_ratio=0.25",
+         "compile.tuned_gemm_cache=none"]  # each test times its own shapes; nothing left in the home folder
 if os.environ.get("SEQCLS_TEST_TOKENIZER"):  # a GPU machine without the MiniLM package: its tokenizer files
     SMALL.append(f"model.tokenizer_name_or_path={os.environ['SEQCLS_TEST_TOKENIZER']}")
 NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0", "+model.config_overrides.attention_probs_dropout_prob=0.0"]
@@ -451,16 +452,18 @@ def test_log_values_are_the_log_steps_and_their_read_does_not_wait_for_the_next_
         torch.cuda.synchronize()
 
 
-def test_tuned_gemm_matches_torch_eagerly_in_captures_and_compiled():
+def test_tuned_gemm_matches_torch_eagerly_in_captures_and_compiled(tmp_path, monkeypatch):
     """seqcls.gemm on the GPU: each shape's tuned product (bias or not, a transposed operand, a slice
     whose rows lie wider apart than its columns) equals torch's within bf16 rounding; a graph captured
     after tuning replays it; a shape first met inside a capture runs torch's matmul and is not recorded;
-    tuned_linear's gradients match F.linear's, compiled with a dynamic row count too."""
+    a later run takes every choice from the cache folder without timing; tuned_linear's gradients match
+    F.linear's, compiled with a dynamic row count too."""
     from seqcls import gemm
     torch.manual_seed(0)
     bf = dict(device="cuda", dtype=torch.bfloat16)
-    gemm.enable(True)
+    gemm.enable(True, cache_dir=tmp_path / "cache")
     try:
+        earlier = set(gemm.choices())  # shapes the suite's training runs tuned
         x, wide = torch.randn(1000, 256, **bf), torch.randn(1000, 264, **bf)
         w, bias, g = torch.randn(384, 256, **bf) / 16, torch.randn(384, **bf), torch.randn(1000, 384, **bf)
         cases = [(x, w.t(), bias), (x, w.t(), None), (g, w, None), (g.t(), x, None), (wide[:, :256], w.t(), bias)]
@@ -469,7 +472,16 @@ def test_tuned_gemm_matches_torch_eagerly_in_captures_and_compiled():
             for _ in range(2):  # tunes, then runs the choice
                 out = gemm.mm(a, b, c)
                 assert (out.float() - ref.float()).abs().max().item() <= 0.02 * ref.abs().max().item()
-        assert len(gemm.choices()) == len(cases)
+        mine = {k: v for k, v in gemm.choices().items() if k not in earlier}
+        assert len(mine) == len(cases) == len(list((tmp_path / "cache").glob("*.json")))
+        for key in mine:  # a new run: nothing in memory, the folder kept
+            del gemm._choices[key], gemm._timings[key]
+        monkeypatch.setattr(gemm, "_gpu_ms", lambda run: pytest.fail("a cached shape was timed again"))
+        for a, b, c in cases:
+            ref = (a.float() @ b.float() + (0 if c is None else c.float())).to(torch.bfloat16)
+            assert (gemm.mm(a, b, c).float() - ref.float()).abs().max().item() <= 0.02 * ref.abs().max().item()
+        assert {k: v for k, v in gemm.choices().items() if k in mine} == mine and set(mine) <= gemm._cached
+        monkeypatch.undo()
         static = torch.empty(1000, 384, **bf)
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
@@ -484,7 +496,7 @@ def test_tuned_gemm_matches_torch_eagerly_in_captures_and_compiled():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.allclose(static.float(), (x.float() @ w.float().t() + bias.float()), atol=0.1, rtol=0.02)
-        assert unseen.shape == (999, 384) and len(gemm.choices()) == len(cases)
+        assert unseen.shape == (999, 384) and set(gemm.choices()) == earlier | set(mine)
 
         def loss(f, x, w, b):
             return f(x, w, b).float().square().mean()

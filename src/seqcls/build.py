@@ -209,6 +209,15 @@ def use_tuned_gemm(cfg: DictConfig, device: torch.device, graphs: bool) -> bool:
     return bool(setting)
 
 
+def tuned_gemm_cache(cfg: DictConfig) -> Optional[Path]:
+    """compile.tuned_gemm_cache as a folder, or None for none."""
+    from seqcls import gemm
+    setting = cfg.compile.tuned_gemm_cache
+    if setting is None:
+        return gemm.default_cache_dir()
+    return None if setting.strip().lower() == "none" else Path(setting).expanduser()
+
+
 def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch.dtype],
                 model: torch.nn.Module) -> Optional[int]:
     """compile.pack_sequences: packs the model's training sequences (seqcls.models.pack_sequences) and
@@ -422,7 +431,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     if graphs:  # the update inside a CUDA graph: step counts and the learning rate live on the device
         opt_kwargs.update(capturable=True, lr=torch.tensor(float(cfg.optimizer.lr), device=device))
     from seqcls import gemm
-    gemm.enable(use_tuned_gemm(cfg, device, graphs))
+    gemm.enable(use_tuned_gemm(cfg, device, graphs), cache_dir=tuned_gemm_cache(cfg))
     if gemm.ENABLED:
         from seqcls.models import tuned_linears
         log.info("%d encoder Linears (and any fused query/key/value) multiply through cuBLASLt's algorithm "

@@ -375,6 +375,13 @@ class CompileConfig:
     torch's picks, and LoRA b256 trained 0.7-0.85% faster (full FT b32 -0.3%); the timing is paid once per
     shape (a LoRA b256 bench run, every batch shape captured up front: 84-95 s against 62-67 s;
     docs/benchmarks.md)."""
+    tuned_gemm_cache: Optional[str] = None
+    """Where compile.tuned_gemm keeps each shape's choice for later runs (one small file a shape, named for
+    the shape, the GPU model and cuBLASLt's and torch's versions): a later run takes it from there instead of
+    timing the shape again, once it has checked the algorithm is still listed and still gives torch's
+    product. null: $XDG_CACHE_HOME/seqcls/tuned_gemm (~/.cache/seqcls/tuned_gemm); none: keep nothing, time
+    every shape in every run; a path: there (a folder on a shared file system serves a whole sweep). Delete
+    the folder to time every shape again (after other jobs shared the GPU while it was timed, say)."""
     gelu_epilogue: Optional[bool] = None
     """With compile.tuned_gemm on and a GELU encoder (hidden_act gelu, gelu_new or gelu_pytorch_tanh): each
     layer's feed-forward runs its GELU in the first matrix multiply's cuBLASLt epilogue and the GELU's

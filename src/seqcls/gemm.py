@@ -10,6 +10,13 @@ kernel, so host time does not count), checks each against torch's product, and k
 calls, captures included, run it. A shape first met inside a capture runs torch's matmul there and is
 timed at its next call outside one; the step graphs warm each shape up before capturing it.
 
+Each choice is also kept on disk (``enable(cache_dir=...)``, compile.tuned_gemm_cache): one small file a
+shape, named for the shape and for what the timing held for (the GPU model, cuBLASLt's and torch's versions).
+A later run that meets the shape takes the choice from there instead of timing it again (a roberta-large run
+times a few hundred shapes, ~25 s of its start-up on an H100), after checking that the heuristic still lists
+the same algorithms and that the kept one's product still matches torch's; else the shape is timed anew and
+its file rewritten. Runs of a sweep sharing a cache folder time each shape once.
+
 Every candidate accumulates in fp32; they may sum in another order than torch's pick (other tiles,
 split-K), as torch's own picks do from one shape to the next.
 
@@ -22,7 +29,11 @@ followed by its GELU kernel.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -44,11 +55,21 @@ _lt = None  # (library, handle) once loaded, False when it cannot be
 _choices: dict[tuple, object] = {}  # shape key -> _TORCH or (plan, algorithm index)
 _timings: dict[tuple, tuple[float, float]] = {}  # shape key -> (torch's ms, the choice's ms) when tuned
 _workspaces: dict[tuple, Tensor] = {}  # (device, stream) -> workspace
+_cached: set[tuple] = set()  # shape keys whose choice came from the cache folder
+CACHE_DIR: Optional[Path] = None
+"""Where choices are kept across runs (None: nowhere); set with enable()."""
+CACHE_FORMAT = 1  # bumped when a cache entry's meaning changes
 
 
-def enable(on: bool) -> None:
-    global ENABLED
+def enable(on: bool, cache_dir: Optional[str | Path] = None) -> None:
+    global ENABLED, CACHE_DIR
     ENABLED = bool(on)
+    CACHE_DIR = Path(cache_dir).expanduser() if cache_dir is not None else None
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/seqcls/tuned_gemm (~/.cache/seqcls/tuned_gemm where it is unset)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seqcls" / "tuned_gemm"
 
 
 def supported(device: torch.device) -> bool:
@@ -71,8 +92,10 @@ def summary() -> str:
     gelu = [v for k, v in _choices.items() if k[KEY_MODE]]
     epilogues = (f" ({sum(v is not _TORCH for v in gelu)} of {len(gelu)} GELU shapes with cuBLASLt's epilogue)"
                  if gelu else "")
-    return (f"tuned matmul: {len(_timings)} shapes, {kept} on a cuBLASLt algorithm{epilogues}; one call of each: torch's picks "
-            f"{torch_ms:.2f} ms, the choices {best_ms:.2f} ms ({100 * (1 - best_ms / torch_ms):.1f}% less)")
+    cached = f", {len(_cached & _timings.keys())} of them from the cache" if _cached else ""
+    return (f"tuned matmul: {len(_timings)} shapes{cached}, {kept} on a cuBLASLt algorithm{epilogues}; one call of "
+            f"each: torch's picks {torch_ms:.2f} ms, the choices {best_ms:.2f} ms ({100 * (1 - best_ms / torch_ms):.1f}% "
+            f"less)")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -272,7 +295,7 @@ def _alignment(t: Tensor) -> int:
     return 256 if ptr % 256 == 0 else ptr & -ptr
 
 
-KEY_MODE = 10  # where a shape key holds its mode
+KEY_MODE, _KEY_DEVICE = 10, 6  # where a shape key holds its mode, its device index
 
 
 def _key(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, pre: Optional[Tensor]) -> tuple:
@@ -326,7 +349,8 @@ def _workspace(device: torch.device) -> Optional[Tensor]:
 
 def _tune(key: tuple, a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, pre: Optional[Tensor]):
     """The fastest of torch's matmul (and, for an epilogue's mode, torch's kernels after it) and the
-    heuristic's algorithms for this shape, each checked against torch's outputs first."""
+    heuristic's algorithms for this shape, each checked against torch's outputs first; or the choice kept
+    in the cache folder, where it still holds."""
     workspace = _workspace(a.device)
     plan = _Plan(a, b, bias, mode)
     refs = _torch_run(a, b, bias, mode, pre)
@@ -335,23 +359,97 @@ def _tune(key: tuple, a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, p
 
     def run(i: int) -> None:
         plan.run(i, a, b, bias, out, aux, workspace)
-    candidates, runs = [_TORCH], [lambda: _torch_run(a, b, bias, mode, pre)]
-    for i in range(plan.count):
+
+    def matches(i: int) -> bool:
         try:
             run(i)
-            ok = all(_close(got, ref) for got, ref in zip((out, second), refs) if ref is not None)
+            return all(_close(got, ref) for got, ref in zip((out, second), refs) if ref is not None)
         except RuntimeError:
-            ok = False
-        if ok:
+            return False
+    path = _cache_path(key, a.device)
+    entry = _read_entry(path, plan)
+    if entry is not None and (entry["choice"] == _TORCH or matches(entry["choice"])):
+        _timings[key] = (entry["torch_ms"], entry["best_ms"])
+        _cached.add(key)
+        return _TORCH if entry["choice"] == _TORCH else (plan, entry["choice"])
+    candidates, runs = [_TORCH], [lambda: _torch_run(a, b, bias, mode, pre)]
+    for i in range(plan.count):
+        if matches(i):
             candidates.append((plan, i))
             runs.append(lambda i=i: run(i))
     times = fastest(runs, _gpu_ms)
     best = min(range(len(runs)), key=times.__getitem__)
     _timings[key] = (times[0], times[best])
+    _write_entry(path, plan, _TORCH if best == 0 else candidates[best][1], times[0], times[best])
     log.debug("tuned matmul %s @ %s%s%s: %s (%.1f us; torch's %.1f us; %d candidates)", tuple(a.shape),
               tuple(b.shape), " + bias" if bias is not None else "", f" ({mode})" if mode else "",
               "torch" if best == 0 else f"cublaslt #{candidates[best][1]}", times[best] * 1e3, times[0] * 1e3, len(runs))
     return candidates[best]
+
+
+# ------------------------------------------------------------------------------------- the cache folder
+def _cache_path(key: tuple, device: torch.device) -> Optional[Path]:
+    """The file of a shape's choice in CACHE_DIR: its name hashes the shape key (less the device index)
+    with what a timing holds for: the GPU model, cuBLASLt's and torch's versions, the candidates asked for."""
+    if CACHE_DIR is None:
+        return None
+    what = (CACHE_FORMAT, _gpu_name(device), _lt_version(), torch.__version__, MAX_ALGOS, WORKSPACE_BYTES,
+            key[:_KEY_DEVICE] + key[_KEY_DEVICE + 1:])
+    return CACHE_DIR / (hashlib.sha256(repr(what).encode()).hexdigest()[:40] + ".json")
+
+
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _lt_version() -> int:
+    lib, _ = _library()
+    lib.cublasLtGetVersion.restype = ctypes.c_size_t
+    return int(lib.cublasLtGetVersion())
+
+
+def _algorithms_digest(plan) -> str:
+    """A digest of the algorithms the heuristic listed, in order: a kept index means the same algorithm
+    only while this is unchanged."""
+    return hashlib.sha256(b"".join(bytes(plan.results[i].algo) for i in range(plan.count))).hexdigest()[:32]
+
+
+def _read_entry(path: Optional[Path], plan) -> Optional[dict]:
+    """A cache entry that still fits the plan (the same algorithms listed), or None."""
+    if path is None:
+        return None
+    try:
+        entry = json.loads(path.read_text())
+        choice = entry["choice"]
+        fits = (entry["algorithms"] == _algorithms_digest(plan)
+                and (choice == _TORCH or (type(choice) is int and 0 <= choice < plan.count)))
+        entry["torch_ms"], entry["best_ms"] = float(entry["torch_ms"]), float(entry["best_ms"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.debug("tuned matmul: ignoring the cache entry %s (%s)", path, e)
+        return None
+    return entry if fits else None
+
+
+_unwritable: set[Path] = set()  # cache folders already warned about
+
+
+def _write_entry(path: Optional[Path], plan, choice, torch_ms: float, best_ms: float) -> None:
+    """Keep a shape's choice, written whole or not at all (a temporary file renamed into place), so runs
+    sharing the folder never read half an entry."""
+    if path is None or path.parent in _unwritable:
+        return
+    entry = {"choice": choice, "algorithms": _algorithms_digest(plan), "torch_ms": torch_ms, "best_ms": best_ms}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, path)
+    except OSError as e:
+        _unwritable.add(path.parent)
+        log.warning("compile.tuned_gemm_cache: cannot write to %s (%s); tuned choices are not kept for later runs",
+                    path.parent, e)
 
 
 def _close(got: Tensor, ref: Tensor, rows: int = 1024) -> bool:
