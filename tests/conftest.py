@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 # Tiny models run fastest on one thread, and the suite shares 2 cores: no thread oversubscription.
@@ -77,3 +80,14 @@ def synthetic_overrides(data_dir: Path, run_dir: Path) -> list[str]:
                    "dataset.max_length=32", f"run_dir={run_dir}", "optimizer.lr=1e-3",
                    "step_scheduler.global_batch_size=16", "step_scheduler.local_batch_size=16",
                    "step_scheduler.log_every_steps=4"]
+
+
+def run_interpreted(module: str, *args: str) -> dict:
+    """``python -m tests.<module> args`` in a process of its own with TRITON_INTERPRET=1 (which must be set
+    before triton is imported: Triton's kernels then run on CPU tensors); returns its last line's JSON."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])}
+    done = subprocess.run([sys.executable, "-m", f"tests.{module}", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

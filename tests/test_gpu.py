@@ -69,11 +69,14 @@ ONE_MICRO_BATCH = ["step_scheduler.local_batch_size=16"]  # the one-graph step: 
 
 
 @pytest.mark.parametrize("scope,extra", [("model", []), ("blocks", []), ("blocks", ONE_MICRO_BATCH),
-                                         ("blocks", ONE_MICRO_BATCH + ["compile.combo_kernels=false"])],
-                         ids=["model-accumulate", "blocks-accumulate", "blocks-one-graph", "blocks-one-graph-no-combo"])
+                                         ("blocks", ONE_MICRO_BATCH + ["compile.combo_kernels=false"]),
+                                         ("blocks", ONE_MICRO_BATCH + ["compile.update_kernel=triton"])],
+                         ids=["model-accumulate", "blocks-accumulate", "blocks-one-graph", "blocks-one-graph-no-combo",
+                              "blocks-one-graph-triton-update"])
 def test_step_graphs_train_like_eager_across_shapes_and_accumulation(data, tmp_path, scope, extra):
     graphs, g_loss, g_par = train(data, tmp_path / "g", NO_DROPOUT + extra + [
         "compile.enabled=true", "checkpoint.enabled=false", f"compile.scope={scope}"])
+    extra = [o for o in extra if not o.startswith("compile.update_kernel")]  # a setting of the graphs' update
     eager, e_loss, e_par = train(data, tmp_path / "e", NO_DROPOUT + extra + [
         "compile.enabled=false", "checkpoint.enabled=false"])
     assert graphs.step_graphs is not None and eager.step_graphs is None
@@ -141,7 +144,7 @@ def test_lora_under_step_graphs_trains_only_adapters_and_head_like_eager(data, t
         assert changed == p.requires_grad, name
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["end-to-end", "grads-in-place"])
+@pytest.mark.parametrize("in_place", [False, True, "triton"], ids=["end-to-end", "grads-in-place", "triton-kernel"])
 def test_compiled_master_weight_update_matches_eager_and_replays_in_a_cuda_graph(in_place):
     from seqcls.optim import MasterWeightAdamW, use_bf16_weights
     from seqcls.trainer import clip_and_update
@@ -151,7 +154,8 @@ def test_compiled_master_weight_update_matches_eager_and_replays_in_a_cuda_graph
         model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 8)).cuda()
         opt = MasterWeightAdamW(model.parameters(), lr=torch.tensor(1e-2, device="cuda"), weight_decay=0.1,
                                 capturable=True, compiled=compiled, masters=use_bf16_weights(model),
-                                grads_in_place=compiled and in_place)
+                                grads_in_place=compiled and in_place is True,
+                                kernel="triton" if in_place == "triton" else "inductor")
         return list(model.parameters()), opt
 
     def grads(params, step):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from seqcls.optim import MasterWeightAdamW, use_bf16_weights
 from seqcls.trainer import clip_and_update
-from tests.conftest import compose_cfg, synthetic_overrides
+from tests.conftest import compose_cfg, run_interpreted, synthetic_overrides, write_synthetic
 
 
 def linear_stack(seed=0):
@@ -324,3 +324,30 @@ def test_the_update_reading_gradients_in_place_matches_the_end_to_end_copy(setti
             assert torch.allclose(opts[1].state[got][key], value, rtol=1e-6, atol=1e-8), key
         assert torch.equal(got, opts[1].state[got]["master"].to(torch.bfloat16))
         assert not torch.equal(opts[1].state[got]["master"], start[got])  # it took the steps
+
+
+@pytest.mark.parametrize("form,weight_decay", [("adamw", 0.01), ("adam", 0.01), ("adamw", 0.0)])
+def test_the_triton_update_kernel_steps_as_the_update_over_the_gradients_end_to_end(form, weight_decay):
+    """compile.update_kernel=triton (seqcls.update_kernel), in Triton's interpreter: the bucket's gradients
+    read in place through their address table, tensors of one, several and part of a block, give the eager
+    update's masters and moments, and the weight is the master rounded to nearest even."""
+    r = run_interpreted("update_kernel_cases", form, str(weight_decay))
+    assert r["blocks"] == 2 + 1 + 1 + 5  # blocks of 64 over tensors of 100, 64, 7 and 300
+    assert r["err"]["master"] <= 1e-6 and r["err"]["exp_avg"] <= 1e-6 and r["err"]["exp_avg_sq"] <= 1e-6, r
+    assert r["weight_is_rounded_master"], r
+
+
+@pytest.mark.parametrize("form", ["adamw", "adam"])
+def test_master_weight_adamw_with_the_triton_kernel_trains_as_the_eager_update(form):
+    r = run_interpreted("update_kernel_cases", "optimizer", form)
+    assert max(r["err"].values()) <= 1e-6 and r["weights_equal"] and r["weight_is_rounded_master"], r
+    assert r["tables"] == [True, True]  # both buckets (one named, the rest) went through the kernel
+
+
+def test_triton_update_kernel_without_step_graphs_is_one_clear_error(tmp_path):
+    from seqcls.build import build_trainer
+    from seqcls.config import ConfigError
+    data = write_synthetic(tmp_path / "data", n_train=16, n_val=8)
+    cfg = compose_cfg(synthetic_overrides(data, tmp_path / "run") + ["compile.update_kernel=triton"])
+    with pytest.raises(ConfigError, match=r"compile.update_kernel=triton needs .* use compile.update_kernel=inductor"):
+        build_trainer(cfg, tmp_path / "run")

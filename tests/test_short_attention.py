@@ -2,24 +2,14 @@
 in a process of its own). On the GPU: tests/test_gpu.py (the kernels against the reference in bf16, the
 dropout replay under CUDA graphs, packed training under step graphs against padded eager)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import run_interpreted
 
 
 def run_case(name: str) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
-    done = subprocess.run([sys.executable, "-m", "tests.short_attention_cases", name], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_interpreted("short_attention_cases", name)
 
 
 def check_match(r: dict) -> None:

@@ -445,6 +445,10 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         # 2.3% slower (the unfused backward sums the bias gradient in GELU's own pass)
         log.info("%d encoder feed-forwards run GELU (tanh form) in cuBLASLt's matrix multiply epilogues",
                  gelu_epilogue_mlps(model, trained=cfg.compile.gelu_epilogue is True))
+    if cfg.compile.update_kernel == "triton" and not (master_weights and graphs and device.type == "cuda"):
+        raise ConfigError("compile.update_kernel=triton needs the master-weight update inside the step graphs "
+                          "(bf16 autocast on an NVIDIA GPU, compile.cuda_graphs=step, one process); "
+                          "use compile.update_kernel=inductor")
     if master_weights:
         from seqcls.optim import MasterWeightAdamW, weight_buckets
         opt_kwargs.pop("fused")
@@ -452,6 +456,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         optimizer = MasterWeightAdamW(params, **{**hyper, **opt_kwargs}, masters=masters, compiled=graphs,
                                       buckets=weight_buckets(model, list(masters)),
                                       grads_in_place=cfg.compile.update_reads_grads if graphs else False,
+                                      kernel=cfg.compile.update_kernel if graphs else "inductor",
                                       decoupled_weight_decay=cfg.optimizer._target_ == "torch.optim.AdamW")
     else:
         optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)

@@ -365,6 +365,14 @@ class CompileConfig:
     not in larger ones (LoRA's one bucket of ~100 small adapter tensors). On an H100 (roberta-large b32):
     full FT +1.3% (2,116 against 2,089 samples/s, two same-machine pairs), LoRA -0.25% when on
     (docs/benchmarks.md)."""
+    update_kernel: str = "inductor"
+    """With step graphs and bf16_master_weights, the kernel of each bucket's master-weight AdamW update.
+    inductor: the compiled update (compile.update_reads_grads says where it reads the gradients). triton:
+    seqcls.update_kernel, one program a block of one tensor reading the gradients where they lie through a
+    table of their addresses (as torch's multi-tensor kernels do), with no copy of them and no masked load
+    per tensor; the same arithmetic (masters equal, moments within float rounding order). Written to take
+    full fine-tuning's buckets from ~2.5 TB/s (in place) to the ~2.95 TB/s inductor's kernel reaches on a
+    flat copy, on an H100 (docs/benchmarks.md); not yet timed on a GPU, so not the default."""
     tuned_gemm: Optional[bool] = None
     """The encoder's matrix multiplies (its Linears, the fused query/key/value and LoRA's merged one)
     through cuBLASLt with the algorithm picked by timing once per shape (seqcls.gemm) instead of torch's
@@ -408,6 +416,8 @@ class CompileConfig:
                f"compile.mode={self.mode} captures CUDA graphs of its own, which cannot sit inside the step's "
                f"graphs; add compile.cuda_graphs=none, or use mode default or max-autotune-no-cudagraphs")
         _check(self.scope in ("model", "blocks"), f"compile.scope must be model or blocks, got {self.scope!r}")
+        _check(self.update_kernel in ("inductor", "triton"),
+               f"compile.update_kernel must be inductor or triton, got {self.update_kernel!r}")
         _check(self.dropout_masks in ("auto", "inductor", "triton", "triton_bits"),
                f"compile.dropout_masks must be auto, inductor, triton or triton_bits, got {self.dropout_masks!r}")
         _check(self.length_bucket >= 1, f"compile.length_bucket must be >= 1, got {self.length_bucket}")

@@ -94,6 +94,7 @@ class _FlatBucket:
         self.flat = {key: torch.zeros(numel, dtype=torch.float32, device=device)
                      for key in ("master", "exp_avg", "exp_avg_sq")}
         self.split = False  # set for good once a step leaves some of the bucket without a gradient
+        self.table = None  # seqcls.update_kernel.BlockTable, for the Triton update
         offset = 0
         for p, master in zip(params, masters):
             n = p.numel()
@@ -144,7 +145,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  decoupled_weight_decay: bool = True, capturable: bool = False, compiled: bool = False,
                  masters: Optional[dict[torch.Tensor, torch.Tensor]] = None,
-                 buckets: Optional[list[list[torch.Tensor]]] = None, grads_in_place: Optional[bool] = False):
+                 buckets: Optional[list[list[torch.Tensor]]] = None, grads_in_place: Optional[bool] = False,
+                 kernel: str = "inductor"):
         """``masters``: bf16 parameter -> the fp32 weight it was rounded from (use_bf16_weights returns
         it); a bf16 parameter without one starts its master from its bf16 value. ``buckets``: how the
         bf16 parameters are grouped into flat buffers, one update kernel each (weight_buckets gives
@@ -153,7 +155,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         one kernel (needs ``lr`` as a tensor, else every new learning rate would recompile).
         ``grads_in_place`` (with ``compiled``): the kernel reads each gradient where it lies instead of a
         copy of the bucket's gradients end to end (seqcls's compile.update_reads_grads); None: in buckets
-        of at most IN_PLACE_MAX_TENSORS tensors."""
+        of at most IN_PLACE_MAX_TENSORS tensors. ``kernel`` (with ``compiled``): "inductor", the compiled
+        update above; "triton", seqcls.update_kernel's, which reads every bucket's gradients in place through
+        a table of their addresses (``grads_in_place`` then does not apply)."""
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, capturable=capturable)
         self._buckets: list[list[_FlatBucket]] = []  # one list a parameter group (add_param_group)
@@ -164,6 +168,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self._update, self._scalars, self._update_in_place = _master_update, _adam_scalars, None
         # The most tensors a bucket may hold and still have its gradients read in place.
         self._in_place_max = {True: math.inf, None: IN_PLACE_MAX_TENSORS, False: 0}[grads_in_place] if compiled else 0
+        if kernel not in ("inductor", "triton"):
+            raise ValueError(f"kernel must be inductor or triton, got {kernel!r}")
+        self._triton = compiled and kernel == "triton"
         if compiled:
             self._update = torch.compile(_master_update, dynamic=False, fullgraph=True)
             self._scalars = torch.compile(_adam_scalars, dynamic=False, fullgraph=True)
@@ -240,7 +247,12 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             scalars = self._scalars(self.state[b.params[0]]["step"], lr, beta1, beta2)
             rest = (b.flat["exp_avg"], b.flat["exp_avg_sq"], *scalars, lr, scale, beta1, beta2, eps, wd, decoupled)
             grads = [p.grad for p in b.params]
-            if self.reads_grads_in_place(b):
+            if self._triton:
+                from seqcls.update_kernel import BlockTable, multi_tensor_update
+                if b.table is None:  # made at the step graphs' warm-up of the update, before any capture
+                    b.table = BlockTable([p.numel() for p in b.params], b.weight.device)
+                multi_tensor_update(b.table, b.weight, b.flat["master"], [g.contiguous() for g in grads], *rest)
+            elif self.reads_grads_in_place(b):
                 self._update_in_place(b.weight, b.flat["master"], grads, *rest)
             else:
                 self._update(b.weight, b.flat["master"], _end_to_end(grads), *rest)
@@ -252,7 +264,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def reads_grads_in_place(self, bucket: _FlatBucket) -> bool:
         """Whether the bucket's update reads its gradients where they lie (else from a copy end to end)."""
-        return len(bucket.params) <= self._in_place_max
+        return self._triton or len(bucket.params) <= self._in_place_max
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load casts every floating state tensor to its parameter's dtype, which would round

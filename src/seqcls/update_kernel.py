@@ -1,0 +1,117 @@
+"""A bucket's master-weight AdamW update as one Triton kernel that reads each gradient where autograd
+left it, through a table of the gradients' addresses (``compile.update_kernel=triton``).
+
+seqcls.optim updates a bucket of bf16 weights (two transformer blocks: ~25M weights, 32 tensors) in one
+kernel over flat fp32 masters and moments. Inductor's version reads the gradients either from a copy laid
+end to end first (one more pass over them) or in place through its pointwise concatenation, where every
+element issues a masked load for each of the bucket's tensors. On an H100 (roberta-large full fine-tuning,
+b32) the in-place kernels ran at ~2.5 TB/s against ~2.95 TB/s for the kernel reading a flat copy
+(docs/benchmarks.md). Here each program updates one block of one tensor, as torch's multi-tensor kernels
+do: it looks up its tensor's address once and reads its gradients with plain contiguous loads.
+
+The arithmetic is seqcls.optim._master_update's, in the same order, in fp32: AdamW (decoupled weight
+decay) or Adam (L2), the gradient divided by ``grad_scale`` (the clipping factor), the master rounded to
+the bf16 weight (round to nearest even, as torch rounds it).
+
+The gradients' addresses go to the GPU through a pinned host buffer copied inside the same stream; under a
+CUDA-graph capture that copy is part of the graph and the buffer is kept for as long as the graph (the
+gradients a graph allocates lie at the same addresses at every replay).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 2048  # elements a program updates: one block of one tensor
+NUM_WARPS = 8
+
+_kernel = None
+
+
+def _build():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def adamw_blocks(grad_addrs, block_tensor, block_start, tensor_offset, tensor_numel, weight, master, exp_avg,
+                     exp_avg_sq, step_size_ptr, bc2_ptr, lr_ptr, scale_ptr, one_minus_beta1, beta2, one_minus_beta2,
+                     eps, wd, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        t = tl.load(block_tensor + b)
+        idx = tl.load(block_start + b) + tl.arange(0, BLOCK)
+        mask = idx < tl.load(tensor_numel + t)
+        flat = tl.load(tensor_offset + t) + idx
+        grad = tl.load(grad_addrs + t).to(tl.pointer_type(weight.dtype.element_ty), bitcast=True)
+        g = tl.load(grad + idx, mask=mask).to(tl.float32) / tl.load(scale_ptr)
+        p = tl.load(master + flat, mask=mask)
+        if HAS_WD:
+            if DECOUPLED:
+                p = p * (1.0 - tl.load(lr_ptr) * wd)
+            else:
+                g = g + wd * p
+        m = tl.load(exp_avg + flat, mask=mask)
+        m = m + one_minus_beta1 * (g - m)  # torch's lerp for a weight below 0.5
+        v = tl.load(exp_avg_sq + flat, mask=mask) * beta2 + one_minus_beta2 * g * g
+        p = p - m / (tl.sqrt(v) / tl.load(bc2_ptr) + eps) * tl.load(step_size_ptr)
+        tl.store(exp_avg + flat, m, mask=mask)
+        tl.store(exp_avg_sq + flat, v, mask=mask)
+        tl.store(master + flat, p, mask=mask)
+        # bf16 rounded to nearest even from the bits (as torch's copy_ rounds; Triton's interpreter truncates)
+        bits = p.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        w = tl.where(p != p, p.to(tl.bfloat16), bits.to(tl.uint16).to(tl.bfloat16, bitcast=True))
+        tl.store(weight + flat, w, mask=mask)
+    return adamw_blocks
+
+
+class BlockTable:
+    """A bucket's static layout for the kernel: which tensor and where in it each program starts, and each
+    tensor's offset in the flat buffers and size (device tensors made once, outside any capture)."""
+
+    def __init__(self, numels: list[int], device: torch.device, block: int = 0):
+        block = block or BLOCK
+        tensors, starts = [], []
+        for t, n in enumerate(numels):
+            for s in range(0, n, block):
+                tensors.append(t)
+                starts.append(s)
+        offsets = [0]
+        for n in numels[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.block = block
+        self.block_tensor = torch.tensor(tensors, dtype=torch.int32, device=device)
+        self.block_start = torch.tensor(starts, dtype=torch.int64, device=device)
+        self.tensor_offset = torch.tensor(offsets, dtype=torch.int64, device=device)
+        self.tensor_numel = torch.tensor(numels, dtype=torch.int64, device=device)
+        self.kept: list[torch.Tensor] = []  # pinned address buffers that captured graphs copy from
+
+    def grad_addresses(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        addrs = [g.data_ptr() for g in grads]
+        device = grads[0].device
+        if device.type != "cuda":
+            return torch.tensor(addrs, dtype=torch.int64, device=device)
+        if not torch.cuda.is_current_stream_capturing():
+            return torch.tensor(addrs, dtype=torch.int64).to(device)  # pageable: the host waits for the copy
+        host = torch.tensor(addrs, dtype=torch.int64).pin_memory()
+        self.kept.append(host)  # read again by every replay of the graph being captured
+        return host.to(device, non_blocking=True)
+
+
+def multi_tensor_update(table: BlockTable, param: torch.Tensor, master: torch.Tensor, grads: list[torch.Tensor],
+                        exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step_size: torch.Tensor,
+                        bias_correction2_sqrt: torch.Tensor, lr, grad_scale: torch.Tensor, beta1: float, beta2: float,
+                        eps: float, weight_decay: float, decoupled: bool) -> None:
+    """seqcls.optim._master_update of a bucket (flat ``param``, ``master``, moments) whose gradients
+    ``grads`` (same dtype as ``param``, contiguous, in the bucket's order) are read where they lie."""
+    global _kernel
+    if _kernel is None:
+        _kernel = _build()
+    if param.dtype != torch.bfloat16 or any(not g.is_contiguous() or g.dtype != param.dtype for g in grads):
+        raise ValueError("the multi-tensor update takes bf16 weights and contiguous gradients of that dtype")
+    lr = lr if torch.is_tensor(lr) else torch.tensor(float(lr), device=param.device)
+    blocks = table.block_tensor.numel()
+    _kernel[(blocks,)](table.grad_addresses(grads), table.block_tensor, table.block_start, table.tensor_offset,
+                       table.tensor_numel, param, master, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt,
+                       lr, grad_scale, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, DECOUPLED=bool(decoupled),
+                       HAS_WD=bool(weight_decay), BLOCK=table.block, num_warps=NUM_WARPS)
+
