@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -441,7 +442,7 @@ def _write_entry(path: Optional[Path], plan, choice, torch_ms: float, best_ms: f
     if path is None or path.parent in _unwritable:
         return
     entry = {"choice": choice, "algorithms": _algorithms_digest(plan), "torch_ms": torch_ms, "best_ms": best_ms}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # one a writer
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(entry))

@@ -13,9 +13,9 @@ The arithmetic is seqcls.optim._master_update's, in the same order, in fp32: Ada
 decay) or Adam (L2), the gradient divided by ``grad_scale`` (the clipping factor), the master rounded to
 the bf16 weight (round to nearest even, as torch rounds it).
 
-The gradients' addresses go to the GPU through a pinned host buffer copied inside the same stream; under a
-CUDA-graph capture that copy is part of the graph and the buffer is kept for as long as the graph (the
-gradients a graph allocates lie at the same addresses at every replay).
+The gradients' addresses go to the GPU as a small table copied in the same stream; under a CUDA-graph
+capture from a row of pinned host memory set aside for that graph, which the graph's copy reads again at
+every replay (the gradients a graph allocates lie at the same addresses at every replay).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 BLOCK = 2048  # elements a program updates: one block of one tensor
 NUM_WARPS = 8
+CAPTURES = 256  # the most CUDA graphs (batch shapes) a bucket's update may be captured in
 
 _kernel = None
 
@@ -83,7 +84,11 @@ class BlockTable:
         self.block_start = torch.tensor(starts, dtype=torch.int64, device=device)
         self.tensor_offset = torch.tensor(offsets, dtype=torch.int64, device=device)
         self.tensor_numel = torch.tensor(numels, dtype=torch.int64, device=device)
-        self.kept: list[torch.Tensor] = []  # pinned address buffers that captured graphs copy from
+        # One row of addresses a captured graph, pinned now: no host allocation may happen inside a capture,
+        # and a graph's copy reads its row again at every replay.
+        self.pinned = (torch.zeros((CAPTURES, len(numels)), dtype=torch.int64, pin_memory=True)
+                       if device.type == "cuda" else None)
+        self.captured = 0
 
     def grad_addresses(self, grads: list[torch.Tensor]) -> torch.Tensor:
         addrs = [g.data_ptr() for g in grads]
@@ -92,9 +97,13 @@ class BlockTable:
             return torch.tensor(addrs, dtype=torch.int64, device=device)
         if not torch.cuda.is_current_stream_capturing():
             return torch.tensor(addrs, dtype=torch.int64).to(device)  # pageable: the host waits for the copy
-        host = torch.tensor(addrs, dtype=torch.int64).pin_memory()
-        self.kept.append(host)  # read again by every replay of the graph being captured
-        return host.to(device, non_blocking=True)
+        if self.captured == CAPTURES:
+            raise RuntimeError(f"compile.update_kernel=triton: more than {CAPTURES} step graphs captured; "
+                               "use compile.update_kernel=inductor")
+        row = self.pinned[self.captured]
+        self.captured += 1
+        row.copy_(torch.tensor(addrs, dtype=torch.int64))
+        return row.to(device, non_blocking=True)
 
 
 def multi_tensor_update(table: BlockTable, param: torch.Tensor, master: torch.Tensor, grads: list[torch.Tensor],
