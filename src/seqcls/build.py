@@ -215,7 +215,7 @@ def tuned_gemm_cache(cfg: DictConfig) -> Optional[Path]:
     setting = cfg.compile.tuned_gemm_cache
     if setting is None:
         return gemm.default_cache_dir()
-    return None if setting.strip().lower() == "none" else Path(setting).expanduser()
+    return None if setting.strip().lower() == "none" else Path(setting)  # gemm.enable expands a ~
 
 
 def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch.dtype],

@@ -108,16 +108,16 @@ class BlockTable:
 
 def multi_tensor_update(table: BlockTable, param: torch.Tensor, master: torch.Tensor, grads: list[torch.Tensor],
                         exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step_size: torch.Tensor,
-                        bias_correction2_sqrt: torch.Tensor, lr, grad_scale: torch.Tensor, beta1: float, beta2: float,
-                        eps: float, weight_decay: float, decoupled: bool) -> None:
+                        bias_correction2_sqrt: torch.Tensor, lr: torch.Tensor, grad_scale: torch.Tensor,
+                        beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool) -> None:
     """seqcls.optim._master_update of a bucket (flat ``param``, ``master``, moments) whose gradients
-    ``grads`` (same dtype as ``param``, contiguous, in the bucket's order) are read where they lie."""
+    ``grads`` (same dtype as ``param``, contiguous, in the bucket's order) are read where they lie. ``lr``
+    is a device tensor, as MasterWeightAdamW(compiled=True) has it."""
     global _kernel
     if _kernel is None:
         _kernel = _build()
     if param.dtype != torch.bfloat16 or any(not g.is_contiguous() or g.dtype != param.dtype for g in grads):
         raise ValueError("the multi-tensor update takes bf16 weights and contiguous gradients of that dtype")
-    lr = lr if torch.is_tensor(lr) else torch.tensor(float(lr), device=param.device)
     blocks = table.block_tensor.numel()
     _kernel[(blocks,)](table.grad_addresses(grads), table.block_tensor, table.block_start, table.tensor_offset,
                        table.tensor_numel, param, master, exp_avg, exp_avg_sq, step_size, bias_correction2_sqrt,
