@@ -6,7 +6,8 @@ fine-tuning, at each --tokens row count; each candidate timed on the GPU alone a
 when tuning (compile.tuned_gemm). Prints per shape torch's time, the heuristic's first algorithm's and the
 fastest's, and per row count the sums. With --gelu also the feed-forward's first multiply with its GELU
 and the second's input gradient with GELU's gradient: torch's matmul and GELU kernels against cuBLASLt's
-epilogues (compile.gelu_epilogue).
+epilogues (compile.gelu_epilogue). With --bgrad also the four weight gradients with their bias's: torch's
+matmul and column sum against cuBLASLt's BGRADB epilogue (gemm.mm_bgrad).
 
     python scripts/bench_gemm.py --tokens 13600,14080,12672
 """
@@ -33,7 +34,7 @@ def shapes(m: int, weight_grads: bool):
         yield from (("dW qkv", g3.t(), x), ("dW out", x.t(), x), ("dW ffn1", h.t(), x), ("dW ffn2", x.t(), h))
 
 
-def cases(m: int, weight_grads: bool, gelu: bool):
+def cases(m: int, weight_grads: bool, gelu: bool, bgrad: bool):
     """(name, a, b, mode, bias, aux): the plain shapes, then the GELU epilogues' (the GELU input written,
     or read)."""
     for name, a, b in shapes(m, weight_grads):
@@ -44,6 +45,10 @@ def cases(m: int, weight_grads: bool, gelu: bool):
         w_1, w_2 = torch.randn(4096, 1024, **bf) * 0.03, torch.randn(1024, 4096, **bf) * 0.03
         yield "fwd ffn1+gelu", x, w_1.t(), "gelu", bias, torch.empty_like(pre)
         yield "bwd ffn2 dgelu", x, w_2, "dgelu", None, pre
+    if bgrad:
+        for name, a, b in shapes(m, True):
+            if name.startswith("dW"):
+                yield name + "+db", a, b, "bgrad", None, torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
 
 
 def main() -> None:
@@ -51,6 +56,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="13600", help="comma list of row counts (LoRA b256 on MRPC: ~13,600)")
     ap.add_argument("--weight-grads", action="store_true", help="also full fine-tuning's weight gradients")
     ap.add_argument("--gelu", action="store_true", help="also the feed-forward's GELU epilogues")
+    ap.add_argument("--bgrad", action="store_true", help="also the weight gradients with the bias's (BGRADB)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not gemm.supported(torch.device("cuda")):
         sys.exit("bench_gemm.py needs an NVIDIA GPU with cuBLASLt")
@@ -59,7 +65,7 @@ def main() -> None:
     workspace = torch.empty(gemm.WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     for m in (int(t) for t in args.tokens.split(",")):
         total_torch = total_best = 0.0
-        for name, a, b, mode, bias, aux in cases(m, args.weight_grads, args.gelu):
+        for name, a, b, mode, bias, aux in cases(m, args.weight_grads, args.gelu, args.bgrad):
             plan = gemm._Plan(a, b, bias, mode)
             out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device="cuda")
             if mode:
@@ -71,7 +77,7 @@ def main() -> None:
             best = min(range(len(times)), key=times.__getitem__)
             flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
             print(f"{name:15s} {a.shape[0]:6d} x {a.shape[1]:5d} x {b.shape[1]:5d}: torch {times[0]:7.1f} us "
-                  f"({flops / times[0] / 1e6:4.0f} TFLOP/s), heuristic's first {times[1]:7.1f}, fastest "
+                  f"({flops / times[0] / 1e6:4.0f} TFLOP/s), heuristic's first {times[min(1, plan.count)]:7.1f}, fastest "
                   f"{times[best]:7.1f} ({'torch' if best == 0 else f'#{best - 1} of {plan.count}'}, "
                   f"{flops / times[best] / 1e6:4.0f} TFLOP/s)", flush=True)
             total_torch, total_best = total_torch + times[0], total_best + times[best]

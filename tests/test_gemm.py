@@ -108,6 +108,11 @@ def test_summary_sums_the_tuned_shapes_times(monkeypatch):
     gemm._timings.update({gelu: (0.3, 0.2), dgelu: (0.3, 0.3)})
     gemm._choices.update({gelu: (object(), 0), dgelu: gemm._TORCH})
     assert "4 shapes, 2 on a cuBLASLt algorithm (1 of 2 GELU shapes with cuBLASLt's epilogue);" in gemm.summary()
+    bgrad = gemm._key(x.t(), x, None, "bgrad", None)
+    gemm._timings[bgrad] = (0.1, 0.05)
+    gemm._choices[bgrad] = (object(), 1)
+    assert ("5 shapes, 3 on a cuBLASLt algorithm (1 of 2 GELU shapes and 1 of 1 bias-gradient shapes with "
+            "cuBLASLt's epilogue);") in gemm.summary()
 
 
 @pytest.mark.parametrize("trains", ["all", "frozen weights", "no biases"])
@@ -198,15 +203,19 @@ class _FakePlan:
     """Stands in for cuBLASLt's plan on CPU: ``count`` algorithms, each torch's product except those in
     ``wrong`` (which give a wrong one); ``listed`` changes what the heuristic lists."""
     count, wrong, listed, last = 3, set(), 0, None
+    wrong_sums = set()  # algorithms whose bias-gradient sums (mode "bgrad") are wrong
 
     def __init__(self, a, b, bias, mode=""):
         import ctypes
+        self.mode = mode
         self.results = [type("R", (), {"algo": (ctypes.c_uint64 * 8)(i + 1, _FakePlan.listed)})()
                         for i in range(self.count)]
 
     def run(self, i, a, b, bias, out, aux, workspace):
         _FakePlan.last = i
         out.copy_(gemm._torch_mm(a, b, bias) + (100.0 if i in _FakePlan.wrong else 0.0))
+        if self.mode == "bgrad":
+            aux.copy_(a.sum(1) + (100.0 if i in _FakePlan.wrong_sums else 0.0))
 
 
 @pytest.fixture
@@ -227,6 +236,7 @@ def fake_tuning(monkeypatch, tmp_path):
         monkeypatch.setattr(gemm, name, value)
     monkeypatch.setattr(_FakePlan, "wrong", set())
     monkeypatch.setattr(_FakePlan, "listed", 0)
+    monkeypatch.setattr(_FakePlan, "wrong_sums", set())
     folder = tmp_path / "cache"
     gemm.enable(False, cache_dir=folder)
     yield timed, folder
@@ -314,3 +324,30 @@ def test_tuned_gemm_cache_setting_names_the_folder(tmp_path, monkeypatch, settin
         assert got == Path("/shared/gemm")
     else:
         assert got is None
+
+
+def test_a_bias_gradient_candidate_is_kept_only_where_both_its_outputs_are_torchs(fake_tuning):
+    """mode "bgrad" (a weight's gradient and its bias's in one call): an algorithm whose product is right
+    but whose row sums are wrong is never chosen, however fast."""
+    timed, _ = fake_tuning
+    grad, x = torch.randn(40, 12), torch.randn(40, 8)
+    a = grad.t()
+    _FakePlan.wrong_sums = {1}  # the fastest (1.0 ms) sums wrongly: #2 (3.0 ms) beats torch (5.0 ms)
+    key = gemm._key(a, x, None, "bgrad", None)
+    plan, index = gemm._tune(key, a, x, None, "bgrad", None)
+    assert index == 2 and 1 not in timed
+    out, sums = gemm._outputs(a, x, "bgrad")
+    plan.run(index, a, x, None, out, sums, None)
+    torch.testing.assert_close(out, grad.t() @ x)
+    torch.testing.assert_close(sums, grad.sum(0))
+    _FakePlan.wrong_sums = {0, 1, 2}
+    gemm.enable(False)  # no cache: timed anew
+    assert gemm._tune(gemm._key(a[:, :39], x[:39], None, "bgrad", None), a[:, :39], x[:39], None, "bgrad",
+                      None) is gemm._TORCH
+
+
+def test_mm_bgrad_off_the_tuned_path_is_torchs_product_and_column_sum():
+    grad, x = torch.randn(9, 4), torch.randn(9, 6)
+    dw, db = gemm.mm_bgrad(grad.t(), x)
+    torch.testing.assert_close(dw, grad.t() @ x)
+    torch.testing.assert_close(db, grad.sum(0))

@@ -515,11 +515,12 @@ def test_tuned_gemm_matches_torch_eagerly_in_captures_and_compiled(tmp_path, mon
         gemm.enable(False)
 
 
-def test_gelu_epilogues_match_torch_and_train_as_the_unfused_block():
+def test_epilogues_match_torch_and_train_as_the_unfused_block():
     """cuBLASLt's GELU epilogues (compile.gelu_epilogue): gelu(a @ b + bias) with its input written beside
-    it, and GELU's gradient from a @ b and that input, each within bf16 rounding
-    of torch's kernels, tuned then run from the choice; gelu_mlp compiled with a dynamic row count gives
-    the gradients of F.linear, tanh GELU, F.linear."""
+    it, and GELU's gradient from a @ b and that input; a weight's gradient with its bias's (BGRADB), whose
+    algorithms cuBLASLt lists and computes right; each within bf16 rounding of torch's kernels, tuned then
+    run from the choice; gelu_mlp compiled with a dynamic row count gives the gradients of F.linear, tanh
+    GELU, F.linear."""
     from seqcls import gemm
     import torch.nn.functional as F
     torch.manual_seed(0)
@@ -537,8 +538,21 @@ def test_gelu_epilogues_match_torch_and_train_as_the_unfused_block():
             dpre = gemm.mm_dgelu(grad, w2, pre)
             want = torch.ops.aten.gelu_backward(grad.float() @ w2.float(), pre.float(), approximate="tanh")
             assert (dpre.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
+            dw, db = gemm.mm_bgrad(grad.t(), x)
+            want = grad.float().t() @ x.float()
+            assert (dw.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
+            want = grad.float().sum(0)
+            assert db.shape == (256,) and (db.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
         modes = {k[gemm.KEY_MODE] for k in gemm.choices()}
-        assert {"gelu", "dgelu"} <= modes
+        assert {"gelu", "dgelu", "bgrad"} <= modes
+        plan = gemm._Plan(grad.t(), x, None, "bgrad")
+        refs, workspace = gemm._torch_run(grad.t(), x, None, "bgrad"), gemm._workspace(x.device)
+        right = 0
+        for i in range(plan.count):
+            dw, db = gemm._outputs(grad.t(), x, "bgrad")
+            plan.run(i, grad.t(), x, None, dw, db, workspace)
+            right += gemm._close(dw, refs[0]) and gemm._close(db, refs[1])
+        assert right > 0, f"none of the {plan.count} BGRADB algorithms listed gives torch's outputs"
 
         def loss(f, *ts):
             return f(*ts).float().square().mean()

@@ -24,6 +24,10 @@ gelu_mlp (compile.gelu_epilogue) asks cuBLASLt for GELU in a matrix multiply's e
 feed-forward's first multiply writes GELU's output and its input; backward, the second's input gradient
 comes out multiplied by GELU's derivative. Those shapes are timed the same way, against torch's matmul
 followed by its GELU kernel.
+
+A weight's gradient and its bias's are taken in one call (mm_bgrad): cuBLASLt's BGRADB epilogue sums the
+output gradient over the rows as the multiply reads it, where the shape's timing finds that faster than
+torch's matmul and a column sum after it.
 """
 
 from __future__ import annotations
@@ -90,9 +94,12 @@ def summary() -> str:
         return "tuned matmul: no shape tuned"
     torch_ms, best_ms = (sum(t[i] for t in _timings.values()) for i in (0, 1))
     kept = sum(v is not _TORCH for v in _choices.values())
-    gelu = [v for k, v in _choices.items() if k[KEY_MODE]]
-    epilogues = (f" ({sum(v is not _TORCH for v in gelu)} of {len(gelu)} GELU shapes with cuBLASLt's epilogue)"
-                 if gelu else "")
+    parts = []
+    for what, modes in (("GELU", ("gelu", "dgelu")), ("bias-gradient", ("bgrad",))):
+        fused = [v for k, v in _choices.items() if k[KEY_MODE] in modes]
+        if fused:
+            parts.append(f"{sum(v is not _TORCH for v in fused)} of {len(fused)} {what} shapes")
+    epilogues = f" ({' and '.join(parts)} with cuBLASLt's epilogue)" if parts else ""
     cached = f", {len(_cached & _timings.keys())} of them from the cache" if _cached else ""
     return (f"tuned matmul: {len(_timings)} shapes{cached}, {kept} on a cuBLASLt algorithm{epilogues}; one call of "
             f"each: torch's picks {torch_ms:.2f} ms, the choices {best_ms:.2f} ms ({100 * (1 - best_ms / torch_ms):.1f}% "
@@ -142,6 +149,14 @@ def mm_dgelu(a: Tensor, b: Tensor, pre: Tensor) -> Tensor:
     return _torch_run(a, b, None, "dgelu", pre)[0]
 
 
+def mm_bgrad(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(a @ b, a.sum(1)): a weight's gradient (a: the output gradient transposed, b: the input) and its bias's,
+    in one call through cuBLASLt's BGRADB epilogue where ENABLED and the timing finds it faster; no autograd."""
+    if _routed(a, b):
+        return torch.ops.seqcls.tuned_mm_bgrad(a, b)
+    return _torch_run(a, b, None, "bgrad")
+
+
 def gelu_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> Tensor:
     """A transformer block's feed-forward on rows x (n, in): gelu(x W1^T + b1) W2^T + b2, GELU in its tanh
     form. Where ENABLED the GELU runs in the first matrix multiply's epilogue and its gradient in that of
@@ -178,10 +193,17 @@ class _GeluMLP(torch.autograd.Function):
         dx = dw1 = db1 = None
         if need[0] or need[1] or need[2]:
             dpre = mm_dgelu(grad, w2, pre)
-            db1 = dpre.sum(0) if need[2] else None
             dx = mm(dpre, w1) if need[0] else None
-            dw1 = mm(dpre.t(), x) if need[1] else None
-        return (dx, dw1, db1, mm(grad.t(), act) if need[3] else None, grad.sum(0) if need[4] else None)
+            dw1, db1 = _weight_grads(dpre, x, need[1], need[2])
+        dw2, db2 = _weight_grads(grad, act, need[3], need[4])
+        return dx, dw1, db1, dw2, db2
+
+
+def _weight_grads(grad: Tensor, x: Tensor, weight: bool, bias: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """A linear layer's weight and bias gradients, each where asked for, from its output gradient and input."""
+    if weight and bias:
+        return mm_bgrad(grad.t(), x)
+    return mm(grad.t(), x) if weight else None, grad.sum(0) if bias else None
 
 
 class TunedLinear(torch.nn.Linear):
@@ -233,6 +255,16 @@ def _(a, b, pre):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
+@torch.library.custom_op("seqcls::tuned_mm_bgrad", mutates_args=())
+def _mm_bgrad_op(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    return _tuned(a, b, None, "bgrad")  # its second output, the row sums of a, is never None
+
+
+@_mm_bgrad_op.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[1])), a.new_empty((a.shape[0],))
+
+
 @torch.library.custom_op("seqcls::tuned_linear", mutates_args=())
 def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return _tuned(x, weight.t(), bias)[0]
@@ -253,8 +285,7 @@ def _linear_setup(ctx, inputs, output) -> None:
 def _linear_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     dx = _mm_op(grad, weight, None) if ctx.needs_input_grad[0] else None
-    dweight = _mm_op(grad.t(), x, None) if ctx.needs_input_grad[1] else None
-    dbias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    dweight, dbias = _weight_grads(grad, x, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
     return dx, dweight, dbias
 
 
@@ -263,7 +294,8 @@ _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 # ------------------------------------------------------------------------------------------ the tuning
 # A matrix multiply's mode: "" (a @ b, + bias), "gelu" (gelu(a @ b + bias) and a @ b + bias, its input),
-# "dgelu" (gelu'(pre) * (a @ b), GELU's input gradient). GELU is the tanh form, cuBLASLt's.
+# "dgelu" (gelu'(pre) * (a @ b), GELU's input gradient), "bgrad" (a @ b and a's row sums: a weight's gradient
+# and its bias's). GELU is the tanh form, cuBLASLt's.
 def _torch_mm(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
@@ -276,6 +308,8 @@ def _torch_run(a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str = "",
         return F.gelu(pre, approximate="tanh"), pre
     if mode == "dgelu":
         return torch.ops.aten.gelu_backward(torch.mm(a, b), pre, approximate="tanh"), None
+    if mode == "bgrad":
+        return torch.mm(a, b), a.sum(1)
     return _torch_mm(a, b, bias), None
 
 
@@ -333,6 +367,8 @@ def _outputs(a: Tensor, b: Tensor, mode: str) -> tuple[Tensor, Optional[Tensor]]
     out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
     if mode == "gelu":
         return out, torch.empty_like(out)
+    if mode == "bgrad":
+        return out, torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
     return out, None
 
 
@@ -356,7 +392,7 @@ def _tune(key: tuple, a: Tensor, b: Tensor, bias: Optional[Tensor], mode: str, p
     plan = _Plan(a, b, bias, mode)
     refs = _torch_run(a, b, bias, mode, pre)
     out, second = _outputs(a, b, mode)
-    aux = pre if mode == "dgelu" else second  # the GELU input read, or written
+    aux = pre if mode == "dgelu" else second  # the GELU input read, or written; the row sums written
 
     def run(i: int) -> None:
         plan.run(i, a, b, bias, out, aux, workspace)
@@ -521,8 +557,9 @@ _COMPUTE_32F, _SCALE_32F = 68, 0  # cublasComputeType_t, cudaDataType_t
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8  # cublasLtMatmulDescAttributes_t
 _DESC_AUX_POINTER, _DESC_AUX_LD = 11, 12
 # cublasLtEpilogue_t (mode, bias): bias; GELU writing its input (aux), without or with a bias; GELU's gradient
-# reading it
-_EPILOGUES = {("", True): 4, ("gelu", False): 160, ("gelu", True): 164, ("dgelu", False): 192}
+# reading it; the sums of cuBLAS's B operand (a) over the shared dimension written to the bias pointer (BGRADB)
+_EPILOGUES = {("", True): 4, ("gelu", False): 160, ("gelu", True): 164, ("dgelu", False): 192, ("bgrad", False): 512}
+_STATUS_NOT_SUPPORTED = 15
 _PREF_MAX_WORKSPACE, _PREF_ALIGN_A, _PREF_ALIGN_B, _PREF_ALIGN_C, _PREF_ALIGN_D = 1, 5, 6, 7, 8
 
 
@@ -542,6 +579,7 @@ class _Plan:
         self._set(_DESC_TRANSB, ctypes.c_int32(op_a))
         self.bias = bias is not None
         self.aux = mode in ("gelu", "dgelu")
+        self.bgrad = mode == "bgrad"
         epilogue = _EPILOGUES.get((mode, self.bias))
         if epilogue is not None:
             self._set(_DESC_EPILOGUE, ctypes.c_int32(epilogue))
@@ -559,9 +597,13 @@ class _Plan:
                    "MatmulPreferenceSetAttribute")
         self.results = (_HeuristicResult * MAX_ALGOS)()
         count = ctypes.c_int()
-        _check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.layout_a, self.layout_b, self.layout_c,
-                                                  self.layout_c, pref, MAX_ALGOS, self.results, ctypes.byref(count)),
-               "MatmulAlgoGetHeuristic")
+        status = lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.layout_a, self.layout_b,
+                                                    self.layout_c, self.layout_c, pref, MAX_ALGOS, self.results,
+                                                    ctypes.byref(count))
+        if status == _STATUS_NOT_SUPPORTED:  # no algorithm for this epilogue and layout: torch's kernels run
+            count.value = 0
+        else:
+            _check(status, "MatmulAlgoGetHeuristic")
         lib.cublasLtMatmulPreferenceDestroy(pref)
         self.count = count.value
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
@@ -578,9 +620,10 @@ class _Plan:
 
     def run(self, index: int, a: Tensor, b: Tensor, bias: Optional[Tensor], out: Tensor, aux: Optional[Tensor],
             workspace: Tensor) -> None:
-        """out = the mode's product; ``aux``: the GELU input written (gelu) or read (dgelu)."""
-        if self.bias:
-            self._set(_DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+        """out = the mode's product; ``aux``: the GELU input written (gelu) or read (dgelu), the row sums
+        written (bgrad)."""
+        if self.bias or self.bgrad:
+            self._set(_DESC_BIAS_POINTER, ctypes.c_void_p((aux if self.bgrad else bias).data_ptr()))
         if self.aux:
             self._set(_DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
         c = ctypes.c_void_p(out.data_ptr())
