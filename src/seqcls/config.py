@@ -372,8 +372,8 @@ class CompileConfig:
     table of their addresses (as torch's multi-tensor kernels do), with no copy of them and no masked load
     per tensor; the same arithmetic in the same order (masters and moments within one float rounding of
     the eager update's). Written to take full fine-tuning's buckets from ~2.5 TB/s (in place) to the
-    ~2.95 TB/s inductor's kernel reaches on a flat copy, on an H100 (docs/benchmarks.md); not yet timed on
-    a GPU, so not the default."""
+    ~2.95 TB/s inductor's kernel reaches on a flat copy, on an H100; there full FT b32 trained 1.2% slower
+    with it (2,125 against 2,150-2,153 samples/s, one machine; docs/benchmarks.md), so it is not the default."""
     tuned_gemm: Optional[bool] = None
     """The encoder's matrix multiplies (its Linears, the fused query/key/value and LoRA's merged one)
     through cuBLASLt with the algorithm picked by timing once per shape (seqcls.gemm) instead of torch's
