@@ -107,11 +107,14 @@ def cuda_graph_ms(step, reps: int):
 
 # ---------------------------------------------------------------------------------- workers
 def run_seqcls(args, out: Path) -> dict:
-    sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(Path(args.src).resolve() if args.src else REPO / "src"))
     sys.path.insert(0, str(REPO))
     from hydra import compose, initialize_config_dir
     import torch
-    import seqcls  # noqa: F401
+    import seqcls
+    if args.src and not Path(seqcls.__file__).resolve().is_relative_to(Path(args.src).resolve()):
+        sys.exit(f"--src {args.src}: no seqcls package there (seqcls came from {Path(seqcls.__file__).parent}); "
+                 f"name the src folder of a seqcls checkout")
     from seqcls.build import build_trainer
     from seqcls.train import CONF_DIR
     import logging
@@ -319,6 +322,9 @@ def main():
     ap.add_argument("--seqcls-override", action="append", default=[],
                     help="extra Hydra override for the seqcls runs (repeatable), e.g. compile.length_bucket=8")
     ap.add_argument("--log-dir", default=None, help="write each worker's output here")
+    ap.add_argument("--src", default=None,
+                    help="the seqcls workers import seqcls (and its conf/) from this src folder, e.g. another "
+                         "commit's worktree, for a same-machine comparison (default: this checkout's)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run each implementation this many times, interleaved (seqcls, hf, seqcls, hf, ...); "
                          "the table shows each one's median run and the spread of its rates")

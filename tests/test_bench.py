@@ -1,5 +1,5 @@
-"""scripts/bench.py's reading of a profiler trace: where the GPU stood idle between its kernels; and
-scripts/attention_registers.py's ahead-of-time compile of the attention kernels."""
+"""scripts/bench.py's reading of a profiler trace: where the GPU stood idle between its kernels, and its
+--src check; and scripts/attention_registers.py's ahead-of-time compile of the attention kernels."""
 
 import subprocess
 import sys
@@ -55,3 +55,13 @@ def test_attention_registers_compiles_with_the_launchers_alignment_so_loads_are_
     assert bwd.startswith("backward lengths  33-64") and "one block" in bwd, bwd
     for line in (fwd, bwd):
         assert int(line.split("registers")[1].split(",")[0]) > 0 and "spilled stack" in line and "shared" in line
+
+
+def test_bench_src_without_seqcls_is_one_clear_error(tmp_path):
+    """--src names the seqcls to benchmark (another commit's checkout): a folder without one must stop the
+    worker, not silently time the installed seqcls."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--model", "minilm", "--src",
+                           str(tmp_path), "--worker", "seqcls:none:4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"--src {tmp_path}: no seqcls package there" in proc.stderr.strip().splitlines()[-1]
