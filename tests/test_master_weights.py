@@ -351,3 +351,56 @@ def test_triton_update_kernel_without_step_graphs_is_one_clear_error(tmp_path):
     cfg = compose_cfg(synthetic_overrides(data, tmp_path / "run") + ["compile.update_kernel=triton"])
     with pytest.raises(ConfigError, match=r"compile.update_kernel=triton needs .* use compile.update_kernel=inductor"):
         build_trainer(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_an_update_from_kept_gradients_moves_nothing_at_apply_0_and_steps_as_from_grads_at_apply_1(decoupled):
+    """What the overlapped step (seqcls.step_graph) asks of the optimizer: gradients kept in buffers that
+    outlive the step, an ``apply`` flag whose 0 leaves every tensor bit for bit (a step with nothing
+    pending), and the update launched in parts whose order it reports (fused non-bf16 tensors first)."""
+    from seqcls.trainer import total_grad_norm
+    models = [linear_stack(), linear_stack()]
+    opts = []
+    for m in models:
+        masters = use_bf16_weights(m)
+        opts.append(MasterWeightAdamW(m.parameters(), lr=1e-2, weight_decay=0.1, decoupled_weight_decay=decoupled,
+                                      masters=masters, buckets=[[m[0].weight, m[0].bias], [m[2].weight, m[2].bias]]))
+    ref, got = opts
+    kept = got.keep_grads()
+    params = [list(m.parameters()) for m in models]
+    assert set(kept) == set(params[1]) and kept[models[1][0].bias].data_ptr() > kept[models[1][0].weight].data_ptr()
+    parts = []
+    got.kept, got.unit_done = True, parts.append
+    for step in range(1, 4):
+        grads = bf16_grads(params[0], step)
+        for p, g in zip(params[0], grads):
+            p.grad = g.clone()
+        ref_norm = clip_and_update(ref, params[0], 0.05)
+        for p, g in zip(params[1], grads):
+            kept[p].copy_(g)
+        before = [t.clone() for t in params[1]] + [v.clone() for p in params[1] for v in got.state[p].values()]
+        got.apply, got.grad_scale = torch.zeros(()), torch.ones(())
+        got.step()  # nothing pending: nothing moves, the step counts included
+        after = [t for t in params[1]] + [v for p in params[1] for v in got.state[p].values()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        norm = total_grad_norm(list(kept.values()))
+        assert torch.equal(norm, ref_norm)
+        got.apply, got.grad_scale = torch.ones(()), torch.clamp((norm + 1e-6) / 0.05, min=1.0)
+        got.step()
+        for a, b in zip(params[0], params[1]):
+            assert torch.equal(a, b)
+            for key, value in ref.state[a].items():
+                assert torch.equal(got.state[b][key], value), key
+    m = models[1]
+    assert parts[:3] == [[m[1].weight, m[1].bias], [m[0].weight, m[0].bias], [m[2].weight, m[2].bias]]
+    assert all(p.grad is None for p in params[1])  # the update read the kept buffers, not .grad
+
+
+def test_overlap_update_true_where_it_cannot_apply_is_one_clear_error(tmp_path):
+    from seqcls.build import build_trainer
+    from seqcls.config import ConfigError
+    data = write_synthetic(tmp_path / "data", n_train=16, n_val=8)
+    cfg = compose_cfg(synthetic_overrides(data, tmp_path / "run") + ["compile.overlap_update=true"])
+    with pytest.raises(ConfigError, match=r"compile.overlap_update=true needs the master-weight update inside the "
+                                          r"step graphs .* use compile.overlap_update=false"):
+        build_trainer(cfg, tmp_path / "run")
