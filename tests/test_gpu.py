@@ -128,31 +128,6 @@ def test_step_graphs_resume_with_the_same_dropout_and_optimizer_state(data, tmp_
         assert (par_b[name] - ref_par[name]).abs().max() < 2e-3, name
 
 
-def test_overlapped_update_trains_as_the_update_at_the_end_of_each_step(data, tmp_path):
-    """compile.overlap_update: each graph applies the previous step's update beside its forward; validation
-    every 5 steps and the end of the run apply the pending one first (flush). The same losses, validation
-    and weights as the update at the end of each step's graph, across several batch shapes."""
-    common = NO_DROPOUT + ONE_MICRO_BATCH + ["compile.enabled=true", "checkpoint.enabled=false",
-                                             "step_scheduler.val_every_steps=5"]
-    on, on_loss, on_par = train(data, tmp_path / "on", common + ["compile.overlap_update=true"])
-    off, off_loss, off_par = train(data, tmp_path / "off", common + ["compile.overlap_update=false"])
-    assert on.step_graphs.overlap is not None and off.step_graphs.overlap is None
-    assert not on.step_graphs.overlap.pending and len(on.step_graphs.micro) >= 2
-    assert list(on_loss) == list(range(1, 13))
-    for step in on_loss:  # the clipping norm is summed in another order: the last bits differ
-        assert on_loss[step] == pytest.approx(off_loss[step], rel=1e-3, abs=1e-4), step
-    for name in off_par:
-        assert (on_par[name] - off_par[name]).abs().max() < 2e-3, name
-    rows = {run: [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("on", "off")}
-    val = {run: [(r["step"], r["loss"]) for r in rows[run] if r["split"] == "validation"] for run in rows}
-    assert [s for s, _ in val["on"]] == [5, 10, 12]
-    for (_, a), (_, b) in zip(val["on"], val["off"]):
-        assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
-    norms = {run: [r["grad_norm"] for r in rows[run] if r["split"] == "train"] for run in rows}
-    assert norms["on"] == pytest.approx(norms["off"], rel=1e-3)
-
-
 def test_lora_under_step_graphs_trains_only_adapters_and_head_like_eager(data, tmp_path):
     lora = NO_DROPOUT + ["peft=lora", "peft.dropout=0.0", "optimizer.lr=5e-3", "checkpoint.enabled=false"]
     trainer, losses, params = train(data, tmp_path / "l", lora + ["compile.enabled=true"])

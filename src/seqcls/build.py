@@ -286,24 +286,6 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
     return True
 
 
-def use_overlap_update(cfg: DictConfig, *, graphs: bool, master_weights: bool, plan: dict[str, int]) -> bool:
-    """compile.overlap_update=true, where it applies; where it cannot, one clear error."""
-    if not cfg.compile.overlap_update:
-        return False
-    why = None
-    if not (graphs and master_weights):
-        why = "the master-weight update inside the step graphs (bf16 autocast on an NVIDIA GPU, compile.cuda_graphs=step)"
-    elif plan["grad_accum_steps"] != 1:
-        why = "one micro-batch a step (no gradient accumulation)"
-    elif cfg.compile.scope != "blocks":
-        why = "compile.scope=blocks"
-    elif cfg.compile.update_kernel != "inductor":
-        why = "compile.update_kernel=inductor"
-    if why:
-        raise ConfigError(f"compile.overlap_update=true needs {why}; use compile.overlap_update=false")
-    return True
-
-
 def compile_model(model: torch.nn.Module, *, mode: str, per_block: bool, dynamic: Optional[bool],
                   combo_kernels: bool = False, options: Optional[dict] = None) -> torch.nn.Module:
     """Compile in place (nn.Module.compile): parameters, state-dict keys and .config stay as they are.
@@ -468,10 +450,6 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         raise ConfigError("compile.update_kernel=triton needs the master-weight update inside the step graphs "
                           "(bf16 autocast on an NVIDIA GPU, compile.cuda_graphs=step, one process); "
                           "use compile.update_kernel=inductor")
-    overlap = use_overlap_update(cfg, graphs=graphs, master_weights=master_weights, plan=plan)
-    if overlap:
-        log.info("each step's graph runs the previous step's optimizer update beside its forward "
-                 "(compile.overlap_update)")
     if master_weights:
         from seqcls.optim import MasterWeightAdamW, weight_buckets
         opt_kwargs.pop("fused")
@@ -548,7 +526,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         val_every_steps=cfg.step_scheduler.val_every_steps, ckpt_every_steps=cfg.step_scheduler.ckpt_every_steps,
         max_grad_norm=cfg.step_scheduler.max_grad_norm, autocast_dtype=amp_dtype,
         best_metric=best_metric, checkpointer=checkpointer, cuda_graphs=graphs,
-        capture_ahead=cfg.compile.capture_ahead, overlap_update=overlap,
+        capture_ahead=cfg.compile.capture_ahead,
         loggers=build_loggers(cfg, run_dir=run_dir, is_writer=dist_info.is_writer))
     if checkpointer is not None:
         resume(trainer, checkpointer, cfg.checkpoint.restore_from, run_dir)

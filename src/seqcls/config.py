@@ -374,15 +374,6 @@ class CompileConfig:
     the eager update's). Written to take full fine-tuning's buckets from ~2.5 TB/s (in place) to the
     ~2.95 TB/s inductor's kernel reaches on a flat copy, on an H100; there full FT b32 trained 1.2% slower
     with it (2,125 against 2,150-2,153 samples/s, one machine; docs/benchmarks.md), so it is not the default."""
-    overlap_update: bool = False
-    """With step graphs (one micro-batch a step) and bf16_master_weights: each step's graph runs the previous
-    step's optimizer update on a second stream beside its own forward, each block's forward waiting only for
-    its own parameters' part of the update, and its backward copies the gradients into buffers that outlive
-    the graph (seqcls.step_graph). The same training (every forward sees every earlier update; validation,
-    checkpoints and the end of the run apply the last one first); ~0.8 GiB more GPU memory for roberta-large.
-    Written to hide full fine-tuning's memory-bound update (~4 ms of a ~15 ms roberta-large b32 step on an
-    H100) under the forward's matrix multiplies, whose tiles at batch 32 (~1,700 rows) may not fill the GPU.
-    Tested on CPU with the streams stubbed; not yet run on a GPU, so off. Needs compile.scope=blocks and compile.update_kernel=inductor."""
     tuned_gemm: Optional[bool] = None
     """The encoder's matrix multiplies (its Linears, the fused query/key/value and LoRA's merged one)
     through cuBLASLt with the algorithm picked by timing once per shape (seqcls.gemm) instead of torch's

@@ -39,29 +39,18 @@ def _adam_scalars(step: torch.Tensor, lr, beta1: float, beta2: float) -> tuple[t
 def _master_update(param: torch.Tensor, master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                    exp_avg_sq: torch.Tensor, step_size: torch.Tensor, bias_correction2_sqrt: torch.Tensor, lr,
                    grad_scale: torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
-                   decoupled: bool, apply: Optional[torch.Tensor] = None) -> None:
+                   decoupled: bool) -> None:
     """One flat tensor's update, in torch.optim.AdamW's (decoupled) or Adam's (L2) form. Compiled on
-    CUDA into one kernel: reads grad, master, moments; writes master, moments and the bf16 weight.
-    ``apply`` (a device tensor, 1 or 0): 0 leaves every tensor as it was (an update graph replayed when
-    no gradients wait, seqcls.step_graph's overlapped update)."""
+    CUDA into one kernel: reads grad, master, moments; writes master, moments and the bf16 weight."""
     g = grad.float() / grad_scale
-    new_master = master
     if weight_decay:
         if decoupled:
-            new_master = master * (1 - lr * weight_decay)
+            master.mul_(1 - lr * weight_decay)
         else:
             g = g + weight_decay * master
-    new_avg = exp_avg.lerp(g, 1 - beta1)
-    new_avg_sq = (exp_avg_sq * beta2).addcmul(g, g, value=1 - beta2)
-    new_master = new_master - new_avg / (new_avg_sq.sqrt() / bias_correction2_sqrt + eps) * step_size
-    if apply is not None:
-        take = apply != 0
-        new_master = torch.where(take, new_master, master)
-        new_avg = torch.where(take, new_avg, exp_avg)
-        new_avg_sq = torch.where(take, new_avg_sq, exp_avg_sq)
-    exp_avg.copy_(new_avg)
-    exp_avg_sq.copy_(new_avg_sq)
-    master.copy_(new_master)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    master.sub_(exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps) * step_size)
     param.copy_(master)
 
 
@@ -106,7 +95,6 @@ class _FlatBucket:
                      for key in ("master", "exp_avg", "exp_avg_sq")}
         self.split = False  # set for good once a step leaves some of the bucket without a gradient
         self.table = None  # seqcls.update_kernel.BlockTable, for the Triton update
-        self.grad: Optional[torch.Tensor] = None  # the kept gradients end to end (MasterWeightAdamW.keep_grads)
         offset = 0
         for p, master in zip(params, masters):
             n = p.numel()
@@ -153,9 +141,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     accepts_grad_scale = True  # seqcls.trainer.clip_and_update hands the clipping factor to the update
     grad_scale: Optional[torch.Tensor] = None  # set (and deleted) around step() by clip_and_update
-    apply: Optional[torch.Tensor] = None  # 1 or 0 on the device: whether step() moves anything (see step)
-    unit_done = None  # called after each part of the update is launched (see step)
-    kept = False  # step() reads the gradients from keep_grads' buffers
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  decoupled_weight_decay: bool = True, capturable: bool = False, compiled: bool = False,
@@ -177,7 +162,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay, capturable=capturable)
         self._buckets: list[list[_FlatBucket]] = []  # one list a parameter group (add_param_group)
         self._given = (dict(masters or {}), buckets)
-        self._kept: dict[torch.Tensor, torch.Tensor] = {}  # keep_grads
         super().__init__(params, defaults)
         del self._given  # the fp32 weights now live in the flat masters
         # Static shapes: a kernel per bucket size (whole blocks: a few sizes), not a size-generic one.
@@ -217,10 +201,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """With ``kept`` gradients (keep_grads), the update reads them there rather than from ``.grad``;
-        ``apply`` (set around step() as ``grad_scale`` is) 0 leaves the parameters and state as they were;
-        ``unit_done`` is called with each launched part's parameters (the fused non-bf16 ones first, then
-        the buckets in order), for a caller that lets later work wait on each part."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -232,23 +212,17 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 lr = lr.to(group["params"][0].device)  # torch.distributed.checkpoint's state init sets a CPU 0.0
             fused = {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [], "steps": []}
             for p in group["params"]:
-                grad = self._kept[p] if self.kept else p.grad
-                if grad is not None and p.dtype != torch.bfloat16:
+                if p.grad is not None and p.dtype != torch.bfloat16:
                     state = self._init_state(p)
-                    for key, value in zip(fused, (p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                    for key, value in zip(fused, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
                         fused[key].append(value)
+            self._step_buckets(buckets, lr, beta1, beta2, eps, wd, decoupled)
             if fused["params"]:
-                found_inf = None
-                if self.apply is not None:  # the fused kernel skips its update where found_inf is 1
-                    found_inf = 1 - self.apply
-                torch._foreach_add_(fused["steps"], 1 if self.apply is None else self.apply)
+                torch._foreach_add_(fused["steps"], 1)
                 op = torch._fused_adamw_ if decoupled else torch._fused_adam_
                 op(fused["params"], fused["grads"], fused["exp_avgs"], fused["exp_avg_sqs"], [], fused["steps"],
                    lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
-                   grad_scale=self.grad_scale, found_inf=found_inf)
-                if self.unit_done is not None:
-                    self.unit_done(fused["params"])
-            self._step_buckets(buckets, lr, beta1, beta2, eps, wd, decoupled)
+                   grad_scale=self.grad_scale, found_inf=None)
         return loss
 
     def _step_buckets(self, buckets: list[_FlatBucket], lr, beta1, beta2, eps, wd, decoupled) -> None:
@@ -256,7 +230,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for b in buckets:
             if [p.data_ptr() for p in b.params] != b.ptrs:
                 b.relink(self.state)
-            with_grad = [p for p in b.params if self.kept or p.grad is not None]
+            with_grad = [p for p in b.params if p.grad is not None]
             if len(with_grad) == len(b.params) and not b.split:
                 whole.append(b)
             elif with_grad:
@@ -267,51 +241,26 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         steps = [self.state[p]["step"] for b in whole for p in b.params] + [self.state[p]["step"] for p in parts]
         if not steps:
             return
-        torch._foreach_add_(steps, 1 if self.apply is None else self.apply)  # one launch counts every tensor's step
+        torch._foreach_add_(steps, 1)  # one launch counts every tensor's step
         scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=steps[0].device)
         for b in whole:
             scalars = self._scalars(self.state[b.params[0]]["step"], lr, beta1, beta2)
             rest = (b.flat["exp_avg"], b.flat["exp_avg_sq"], *scalars, lr, scale, beta1, beta2, eps, wd, decoupled)
-            if self.kept:  # the bucket's gradients already lie end to end
-                self._update(b.weight, b.flat["master"], b.grad, *rest, self.apply)
-            elif self._triton:
+            grads = [p.grad for p in b.params]
+            if self._triton:
                 from seqcls.update_kernel import BlockTable, multi_tensor_update
                 if b.table is None:  # made at the step graphs' warm-up of the update, before any capture
                     b.table = BlockTable([p.numel() for p in b.params], b.weight.device)
-                multi_tensor_update(b.table, b.weight, b.flat["master"], [p.grad.contiguous() for p in b.params], *rest)
+                multi_tensor_update(b.table, b.weight, b.flat["master"], [g.contiguous() for g in grads], *rest)
             elif self.reads_grads_in_place(b):
-                self._update_in_place(b.weight, b.flat["master"], [p.grad for p in b.params], *rest)
+                self._update_in_place(b.weight, b.flat["master"], grads, *rest)
             else:
-                self._update(b.weight, b.flat["master"], _end_to_end([p.grad for p in b.params]), *rest)
-            if self.unit_done is not None:
-                self.unit_done(b.params)
+                self._update(b.weight, b.flat["master"], _end_to_end(grads), *rest)
         for p in parts:
             state = self.state[p]
-            grad = self._kept[p] if self.kept else p.grad
-            _master_update(p.view(-1), state["master"].view(-1), grad.view(-1), state["exp_avg"].view(-1),
+            _master_update(p.view(-1), state["master"].view(-1), p.grad.view(-1), state["exp_avg"].view(-1),
                            state["exp_avg_sq"].view(-1), *_adam_scalars(state["step"], lr, beta1, beta2),
-                           lr, scale, beta1, beta2, eps, wd, decoupled, self.apply)
-            if self.unit_done is not None:
-                self.unit_done([p])
-
-    def keep_grads(self) -> dict[torch.Tensor, torch.Tensor]:
-        """Gradient buffers that outlive a step, for an update that runs later than the backward that made
-        the gradients (seqcls.step_graph's overlapped update): each bucket's laid end to end in one flat
-        bf16 buffer, each other parameter's in a tensor of its own. Returns parameter -> its buffer;
-        ``kept = True`` makes step() read them."""
-        if self._kept:
-            return self._kept
-        for group, buckets in zip(self.param_groups, self._buckets):
-            for b in buckets:
-                b.grad = torch.zeros_like(b.weight)
-                offset = 0
-                for p in b.params:
-                    self._kept[p] = b.grad[offset:offset + p.numel()].view_as(p)
-                    offset += p.numel()
-            for p in group["params"]:
-                if p not in self._kept:
-                    self._kept[p] = torch.zeros_like(p)
-        return self._kept
+                           lr, scale, beta1, beta2, eps, wd, decoupled)
 
     def reads_grads_in_place(self, bucket: _FlatBucket) -> bool:
         """Whether the bucket's update reads its gradients where they lie (else from a copy end to end)."""

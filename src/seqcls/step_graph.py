@@ -23,18 +23,6 @@ What capture needs, and how it is met:
   state is forked around warm-up and capture, so a replay draws the same dropout masks whenever the
   graph was captured (a resumed run captures at other steps than the original).
 - Graphs of all shapes share one memory pool: their activations are never alive at the same time.
-
-The overlapped update (``overlap=True``, one micro-batch a step, seqcls.optim.MasterWeightAdamW): the
-update is memory-bound (~28 bytes a parameter) and the forward's matrix multiplies at batch 32 leave most of
-the GPU's SMs idle, so a step's graph runs the *previous* step's update on a second stream while its own
-forward runs, each block's forward waiting only for its own parameters' part of the update (an event per
-bucket). Its backward copies each bucket's gradients, once all have arrived, into buffers that outlive the
-graph (on the second stream, beside the rest of the backward), and the graph ends by keeping the clipping
-factor and learning rate for the update the next step's graph applies. Training is the same: every step's
-forward sees every earlier step's update. Whatever reads the parameters between steps (validation,
-checkpoints, the end of the run) calls ``flush()`` first, which replays the update alone; a new shape's
-capture flushes before its warm-up. An ``apply`` flag on the device makes the update of a step with
-nothing pending leave every tensor as it was.
 """
 
 from __future__ import annotations
@@ -44,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from seqcls.trainer import clip_and_update, total_grad_norm
+from seqcls.trainer import clip_and_update
 
 log = logging.getLogger("seqcls")
 
@@ -58,9 +46,7 @@ class StepGraphs:
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, forward_loss: Callable[[dict], torch.Tensor],
                  denom: int, max_grad_norm: Optional[float], device: torch.device, one_graph: bool,
-                 warmup_iters: int = 2, overlap_model: Optional[torch.nn.Module] = None):
-        """``overlap_model``: the model whose forward waits for each part of the overlapped update (see the
-        module's notes); None: the update ends each step's graph."""
+                 warmup_iters: int = 2):
         self.optimizer, self.forward_loss = optimizer, forward_loss
         self.denom, self.max_grad_norm, self.device = denom, max_grad_norm, device
         self.one_graph = one_graph  # one micro-batch a step: forward, backward and update in one graph
@@ -75,7 +61,6 @@ class StepGraphs:
         self.side_stream: Optional[torch.cuda.Stream] = None  # warm-ups and captures run here
         self.ready = False
         self.grads_zero = True  # no micro-batch accumulated since the last update
-        self.overlap = _Overlap(self, overlap_model) if overlap_model is not None else None
 
     # ------------------------------------------------------------------ the step
     def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +74,6 @@ class StepGraphs:
             for k, v in batch.items():
                 static[k].copy_(v, non_blocking=True)
             graph.replay()
-            if self.overlap is not None:
-                self.overlap.pending = True
             return loss.clone(), norm.clone()
         loss_total = torch.zeros((), device=self.device)
         for batch in micro_batches:
@@ -107,12 +90,6 @@ class StepGraphs:
         graph.replay()
         self.grads_zero = True
         return loss_total, norm.clone()
-
-    def flush(self) -> None:
-        """Apply an update the overlapped step left pending (see the module's notes): before anything reads
-        the parameters or the optimizer state. A no-op otherwise."""
-        if self.overlap is not None:
-            self.overlap.flush()
 
     # ------------------------------------------------------------------ capture
     def capture_ahead(self, batches: list[dict[str, torch.Tensor]]) -> None:
@@ -140,9 +117,6 @@ class StepGraphs:
         # would hold ~64 MiB more GPU memory a captured shape.
         self.side_stream = torch.cuda.Stream(self.device)
         self.ready = True
-        if self.overlap is not None:
-            self.overlap.setup()
-            return
 
         saved_lr = [g["lr"].clone() for g in self.optimizer.param_groups]
         # Kept in host memory: a copy on the GPU (moments, and seqcls.optim's fp32 masters) would raise
@@ -191,9 +165,7 @@ class StepGraphs:
             static[k].copy_(v)
         norm = None
         with torch.random.fork_rng(devices=[self.device]):
-            if self.overlap is not None:
-                graph, loss, norm = self.overlap.capture(static)
-            elif self.one_graph:  # each warm-up pass starts without gradients, as a step of the graph does
+            if self.one_graph:  # each warm-up pass starts without gradients, as a step of the graph does
                 self._warm_up(lambda: (self._micro_body(static), self._drop_grads()))
             else:
                 # Warm-up accumulates into the real gradients: zero them after, or put back a partial
@@ -205,12 +177,11 @@ class StepGraphs:
                 else:
                     torch._foreach_copy_(self.grads, kept)
                     del kept
-            if self.overlap is None:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=self.side_stream):
-                    loss = self._micro_body(static)
-                    if self.one_graph:  # the update was warmed up in _setup (lr 0, state put back)
-                        norm = self._update_body()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.side_stream):
+                loss = self._micro_body(static)
+                if self.one_graph:  # the update was warmed up in _setup (lr 0, state put back)
+                    norm = self._update_body()
         self.micro[shape_key(batch)] = (graph, static, loss, norm)
         log.info("captured the training step for batch shape %s (%d shapes so far; %.2f GiB allocated, "
                  "%.2f GiB reserved)", "x".join(map(str, batch["input_ids"].shape)), len(self.micro),
@@ -224,176 +195,3 @@ class StepGraphs:
             for _ in range(self.warmup_iters):
                 fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-
-
-class _WaitingBlocks(torch.nn.ModuleList):
-    """The model's list of transformer blocks, calling ``_seqcls_before_block(i)`` as the encoder's loop
-    reaches block ``i``: the compiled blocks run their hooks inside the compiled code, so the overlapped
-    update's wait goes where the loop (eager) takes each block from the list."""
-
-    def __iter__(self):
-        before = self.__dict__.get("_seqcls_before_block")
-        for i, block in enumerate(super().__iter__()):
-            if before is not None:
-                before(i)
-            yield block
-
-
-class _Overlap:
-    """The overlapped update of StepGraphs (see the module's notes)."""
-
-    def __init__(self, graphs: StepGraphs, model: torch.nn.Module):
-        self.graphs, self.model = graphs, model
-        self.pending = False  # a replayed step left its update for the next graph (or flush)
-        self.active = False  # inside a step's forward and backward: the hooks act
-        self.units: list[list[torch.Tensor]] = []  # the update's parts, in the order it launches them
-        self.hooked: set[int] = set()  # the parts some forward hook waits for
-
-    # ------------------------------------------------------------------ set-up
-    def setup(self) -> None:
-        g = self.graphs
-        opt, device = g.optimizer, g.device
-        g._drop_grads()
-        self.kept = opt.keep_grads()
-        self.stream = torch.cuda.Stream(device)
-        self.apply = torch.zeros((), dtype=torch.float32, device=device)  # 0: nothing pending, nothing moves
-        self.scale = torch.ones((), dtype=torch.float32, device=device)  # the pending step's clipping factor
-        self.lrs = [group["lr"].clone() for group in opt.param_groups]  # ... and its learning rates
-        self._update(record=self.units.append)  # apply 0: learns the parts' order, moves nothing
-        unit_of = {p: i for i, unit in enumerate(self.units) for p in unit}
-        if set(unit_of) != set(g.params):
-            raise RuntimeError("the overlapped update found parameters its optimizer does not update in parts")
-        self.unit_of = unit_of
-        self.events = [torch.cuda.Event() for _ in self.units]
-        self.norms = torch.zeros(len(self.units), dtype=torch.float32, device=device)
-        self._install_hooks()
-        g._warm_up(lambda: (self._update(), self.apply.zero_()))
-        self.flush_graph, _ = self._capture(lambda: (self._update(), self.apply.zero_()))
-
-    def _capture(self, fn: Callable[[], object]):
-        """``fn`` captured as a graph of the step graphs' pool: (graph, what fn returned)."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graphs.pool, stream=self.graphs.side_stream):
-            out = fn()
-        return graph, out
-
-    def _install_hooks(self) -> None:
-        from seqcls.distributed import find_transformer_blocks
-        blocks = find_transformer_blocks(self.model)
-        in_blocks = {id(b) for b in blocks}
-        for p in self.graphs.params:
-            p.register_post_accumulate_grad_hook(self._grad_ready)
-
-        def last_unit(params) -> Optional[int]:
-            units = [self.unit_of[p] for p in params if p in self.unit_of]
-            return max(units) if units else None
-
-        def walk(module: torch.nn.Module) -> None:
-            if id(module) in in_blocks:
-                return
-            unit = last_unit(module.parameters(recurse=False))
-            if unit is not None:  # an eager module outside the compiled blocks
-                module.register_forward_pre_hook(lambda m, args, unit=unit: self._wait(unit))
-                self.hooked.add(unit)
-            for child in module.children():
-                walk(child)
-
-        walk(self.model)
-        if blocks:
-            holder = next(m for m in self.model.modules()
-                          if isinstance(m, torch.nn.ModuleList) and len(m) and m[0] is blocks[0])
-            block_units = [last_unit(b.parameters()) for b in blocks]
-            holder.__class__ = _WaitingBlocks
-            holder.__dict__["_seqcls_before_block"] = lambda i: (self._wait(block_units[i])
-                                                                  if block_units[i] is not None else None)
-            self.hooked.update(u for u in block_units if u is not None)
-
-    # ------------------------------------------------------------------ the parts of a step
-    def _update(self, record=None) -> None:
-        """The pending step's update, in parts (seqcls.optim.MasterWeightAdamW.step with ``kept`` gradients),
-        each part's event recorded after it."""
-        opt = self.graphs.optimizer
-        saved = [group["lr"] for group in opt.param_groups]
-        for group, lr in zip(opt.param_groups, self.lrs):
-            group["lr"] = lr
-        self.next_unit = 0
-        opt.kept, opt.apply, opt.grad_scale, opt.unit_done = True, self.apply, self.scale, record or self._record
-        try:
-            opt.step()
-        finally:
-            for group, lr in zip(opt.param_groups, saved):
-                group["lr"] = lr
-            opt.kept, opt.apply, opt.unit_done = False, None, None
-            del opt.grad_scale
-
-    def _record(self, params) -> None:
-        self.events[self.next_unit].record()
-        self.next_unit += 1
-
-    def _wait(self, unit: int) -> None:
-        if self.active:
-            torch.cuda.current_stream(self.graphs.device).wait_event(self.events[unit])
-            self.waited.add(unit)
-
-    def _grad_ready(self, p: torch.Tensor) -> None:
-        """A gradient has arrived; once all of its part's have, copy them to the kept buffers (and take
-        their norm) on the update's stream, beside the rest of the backward."""
-        if not self.active:
-            return
-        i = self.unit_of[p]
-        self.arrived[i] += 1
-        if self.arrived[i] < len(self.units[i]):
-            return
-        ready = torch.cuda.Event()
-        ready.record()
-        self.stream.wait_event(ready)
-        with torch.cuda.stream(self.stream):
-            kept = [self.kept[q] for q in self.units[i]]
-            torch._foreach_copy_(kept, [q.grad for q in self.units[i]])
-            self.norms[i].copy_(total_grad_norm(kept))
-
-    def body(self, static: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step: the pending update beside the forward, the backward, and the next update's factors."""
-        g = self.graphs
-        main = torch.cuda.current_stream(g.device)
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            self._update()
-        self.arrived, self.waited, self.active = [0] * len(self.units), set(), True
-        try:
-            loss = g.forward_loss(static)
-            (loss / g.denom).backward()
-        finally:
-            self.active = False
-        if self.waited != self.hooked:
-            raise RuntimeError("the overlapped update: the forward did not wait for every part of the update "
-                               "(the model's blocks are not called from their list in order); set "
-                               "compile.overlap_update=false")
-        if any(n < len(unit) for n, unit in zip(self.arrived, self.units)):
-            raise RuntimeError("the overlapped update needs a gradient for every trainable parameter every step; "
-                               "set compile.overlap_update=false")
-        main.wait_stream(self.stream)
-        norm = torch.linalg.vector_norm(self.norms)
-        if g.max_grad_norm is None:
-            self.scale.fill_(1.0)
-            norm = torch.zeros((), device=g.device)
-        else:
-            self.scale.copy_(torch.clamp((norm + 1e-6) / g.max_grad_norm, min=1.0))
-        for lr, group in zip(self.lrs, g.optimizer.param_groups):
-            lr.copy_(group["lr"])
-        self.apply.fill_(1.0)
-        g._drop_grads()
-        return loss.detach(), norm
-
-    def capture(self, static: dict[str, torch.Tensor]):
-        """A shape's graph: warmed up with nothing pending (so the warm-ups move nothing), then captured."""
-        g = self.graphs
-        self.flush()
-        g._warm_up(lambda: (self.body(static), self.apply.zero_()))
-        graph, (loss, norm) = self._capture(lambda: self.body(static))
-        return graph, loss, norm
-
-    def flush(self) -> None:
-        if self.pending:
-            self.flush_graph.replay()
-            self.pending = False

@@ -170,7 +170,7 @@ class Trainer:
                  num_epochs: int, log_every_steps: int, val_every_steps: Optional[int],
                  ckpt_every_steps: Optional[int], max_grad_norm: Optional[float], autocast_dtype: Optional[torch.dtype],
                  best_metric: str, checkpointer=None, loggers: Sequence[Any] = (), cuda_graphs: bool = False,
-                 capture_ahead: bool = False, overlap_update: bool = False):
+                 capture_ahead: bool = False):
         self.model, self.train_loader, self.val_loaders = model, train_loader, val_loaders
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.dist = device, dist_info
@@ -198,8 +198,7 @@ class Trainer:
             self.step_graphs = StepGraphs(optimizer, forward_loss=self._forward_loss,
                                           denom=local_batch_size * grad_accum_steps,
                                           max_grad_norm=max_grad_norm, device=device,
-                                          one_graph=grad_accum_steps == 1,
-                                          overlap_model=model if overlap_update else None)
+                                          one_graph=grad_accum_steps == 1)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -391,8 +390,6 @@ class Trainer:
                 if pending is not None and (validate or save or self.stop_requested):
                     self._write_train_row(pending, bar)  # its row before the validation's
                     pending = None
-                if self.step_graphs is not None and (validate or save or last or self.stop_requested):
-                    self.step_graphs.flush()  # an overlapped step's update, before anything reads the weights
                 if validate:
                     self.validate()
                 if save:
