@@ -128,6 +128,27 @@ def test_step_graphs_resume_with_the_same_dropout_and_optimizer_state(data, tmp_
         assert (par_b[name] - ref_par[name]).abs().max() < 2e-3, name
 
 
+def test_lazy_embedding_update_trains_as_the_dense_update_under_step_graphs(data, tmp_path):
+    """compile.lazy_embedding_update: the word embeddings' rows updated when touched (caught up before each
+    forward reads them), all of them before each validation (every 5 steps) and at the end: the same losses,
+    validation and weights as torch's dense fused AdamW, up to float rounding order."""
+    common = NO_DROPOUT + ONE_MICRO_BATCH + ["compile.enabled=true", "checkpoint.enabled=false",
+                                             "step_scheduler.val_every_steps=5"]
+    lazy, lazy_loss, lazy_par = train(data, tmp_path / "lazy", common + ["compile.lazy_embedding_update=true"])
+    dense, dense_loss, dense_par = train(data, tmp_path / "dense", common)
+    assert lazy.step_graphs is not None and lazy.optimizer._lazy and not dense.optimizer._lazy
+    rows = next(iter(lazy.optimizer._lazy.values()))
+    assert rows.last.min().item() == 12  # the end of the run brought every row up to date
+    assert list(lazy_loss) == list(range(1, 13))
+    for step in lazy_loss:
+        assert lazy_loss[step] == pytest.approx(dense_loss[step], rel=1e-3, abs=1e-4), step
+    for name in dense_par:  # atomics in the backward make GPU runs differ in the last bits; Adam amplifies that
+        assert (lazy_par[name] - dense_par[name]).abs().max() < 2e-3, name
+    val = {run: [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                 if r["split"] == "validation"] for run in ("lazy", "dense")}
+    assert len(val["lazy"]) == 3 and val["lazy"] == pytest.approx(val["dense"], rel=1e-3, abs=1e-4)
+
+
 def test_lora_under_step_graphs_trains_only_adapters_and_head_like_eager(data, tmp_path):
     lora = NO_DROPOUT + ["peft=lora", "peft.dropout=0.0", "optimizer.lr=5e-3", "checkpoint.enabled=false"]
     trainer, losses, params = train(data, tmp_path / "l", lora + ["compile.enabled=true"])

@@ -351,3 +351,33 @@ def test_triton_update_kernel_without_step_graphs_is_one_clear_error(tmp_path):
     cfg = compose_cfg(synthetic_overrides(data, tmp_path / "run") + ["compile.update_kernel=triton"])
     with pytest.raises(ConfigError, match=r"compile.update_kernel=triton needs .* use compile.update_kernel=inductor"):
         build_trainer(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("form", ["adamw", "adam"])
+def test_lazy_embedding_rows_step_as_every_row_stepped_every_step(form):
+    """compile.lazy_embedding_update (seqcls.update_kernel.LazyRows), in Triton's interpreter, against every
+    row stepped every step in the same arithmetic: rows caught up before a forward reads them, touched rows
+    after each step (also where the step's own kernel replays what they owe), every row after a flush;
+    untouched rows are left alone by a step and are behind until then."""
+    r = run_interpreted("update_kernel_cases", "lazy", form)
+    assert max(r["err"].values()) <= 1e-6, r
+    assert r["untouched_kept"] and r["stale_rows"] > 50 and r["wanted_cleared"], r
+    assert r["last"] == [12] * 20 and r["moved"] > 1e-2, r
+
+
+@pytest.mark.parametrize("form", ["adamw", "adam"])
+def test_master_weight_adamw_with_lazy_embedding_rows_trains_as_the_dense_update_and_resumes(form):
+    r = run_interpreted("update_kernel_cases", "optimizer_lazy", form)
+    assert r["stale_before_flush"], r  # the comparison below sees the flush's work
+    assert r["emb_err"] <= 1e-6 and r["moment_err"] <= 1e-6 and r["lin_equal"], r
+    assert r["synced"] and r["resumed_equal"], r
+
+
+def test_lazy_embedding_update_where_it_cannot_apply_is_one_clear_error(tmp_path):
+    from seqcls.build import build_trainer
+    from seqcls.config import ConfigError
+    data = write_synthetic(tmp_path / "data", n_train=16, n_val=8)
+    cfg = compose_cfg(synthetic_overrides(data, tmp_path / "run") + ["compile.lazy_embedding_update=true"])
+    with pytest.raises(ConfigError, match=r"compile.lazy_embedding_update=true needs .* use "
+                                          r"compile.lazy_embedding_update=false"):
+        build_trainer(cfg, tmp_path / "run")

@@ -1,6 +1,7 @@
 """Cases for tests/test_master_weights.py run under Triton's CPU interpreter (TRITON_INTERPRET=1 must be
 set before triton is imported, so they run in a process of their own); prints one JSON line."""
 
+import copy
 import json
 import os
 import sys
@@ -70,8 +71,119 @@ def optimizer(decoupled: bool) -> dict:
     return {"err": errs, "weights_equal": equal, "weight_is_rounded_master": rounded, "tables": tables}
 
 
+def dense_adam(state: dict, grad, scale, step_size, bc2, decay, decoupled: bool, wd: float, b1=0.9, b2=0.999,
+               eps=1e-8) -> None:
+    """Every row's step, in LazyRows's arithmetic (seqcls.optim._master_update's, in fp32)."""
+    g = grad / scale
+    p, m, v = state["p"], state["m"], state["v"]
+    if decoupled:
+        p = p * decay
+    else:
+        g = g + wd * p
+    m = m + (1 - b1) * (g - m)
+    v = v * b2 + (1 - b2) * g * g
+    state.update(p=p - m / (v.sqrt() / bc2 + eps) * step_size, m=m, v=v)
+
+
+def lazy(decoupled: bool) -> dict:
+    """LazyRows over 12 steps of a schedule, each touching ~30% of the rows at random, against every row
+    stepped every step: the rows a forward is about to read (caught up before the step, except at steps 3
+    and 8, where the step's own kernel replays what they owe), the touched rows after each step, every row
+    after each flush (steps 6 and 12)."""
+    torch.manual_seed(0)
+    rows, width, wd = 20, 40, 0.1  # 40 columns: a block of 64 with a masked tail
+    ref = {"p": torch.randn(rows, width), "m": torch.zeros(rows, width), "v": torch.zeros(rows, width)}
+    got = {k: v.clone() for k, v in ref.items()}
+    lazy_rows = update_kernel.LazyRows(got["p"], capacity=16)
+    step = torch.zeros(())
+    gen = torch.Generator().manual_seed(1)
+    err = {"caught_up": 0.0, "touched": 0.0, "flush": 0.0}
+    stale_rows, untouched_kept = 0, True
+    hyper = (0.9, 0.999, 1e-8, wd, decoupled)
+
+    def max_err(which):
+        return max((got[k][which] - ref[k][which]).abs().max().item() if which.any() else 0.0 for k in got)
+    for t in range(1, 13):
+        lr, scale = torch.tensor(1e-2 * (1 - t / 20)), torch.tensor(1.0 + 0.1 * t)
+        touched = torch.rand(rows, generator=gen) < 0.3
+        grad = torch.randn(rows, width, generator=gen) * touched[:, None]
+        if t not in (3, 8):
+            lazy_rows.want(touched.nonzero().reshape(-1).repeat(2))  # ids repeat, as tokens do
+            lazy_rows.launch(lazy_rows.CATCH_UP, got["p"], None, got["m"], got["v"], step, torch.ones(()), *hyper)
+            err["caught_up"] = max(err["caught_up"], max_err(touched))
+        step += 1
+        step_size, bc2 = optim._adam_scalars(step, lr, 0.9, 0.999)
+        decay = 1 - lr * wd
+        dense_adam(ref, grad, scale, step_size, bc2, decay, decoupled, wd)
+        before = {k: v.clone() for k, v in got.items()}
+        lazy_rows.record(step, step_size, bc2, decay)
+        lazy_rows.launch(lazy_rows.STEP, got["p"], grad, got["m"], got["v"], step, scale, *hyper)
+        err["touched"] = max(err["touched"], max_err(touched))
+        untouched_kept &= all(torch.equal(got[k][~touched], before[k][~touched]) for k in got)
+        stale_rows += int((got["p"] != ref["p"]).any(1).sum())
+        if t in (6, 12):
+            lazy_rows.launch(lazy_rows.FLUSH, got["p"], None, got["m"], got["v"], step, torch.ones(()), *hyper)
+            err["flush"] = max(err["flush"], max_err(torch.ones(rows, dtype=torch.bool)))
+    return {"err": err, "stale_rows": stale_rows, "untouched_kept": untouched_kept,
+            "last": lazy_rows.last.tolist(), "wanted_cleared": not lazy_rows.wanted.any().item(),
+            "moved": (got["p"] - torch.randn(rows, width, generator=torch.Generator().manual_seed(0))).abs().max().item()}
+
+
+def optimizer_lazy(decoupled: bool) -> dict:
+    """MasterWeightAdamW(lazy_rows=...) against the same optimizer updating the embedding densely (torch's
+    fused AdamW): embedding rows looked up by random ids, a bf16 Linear with its master, clipped steps;
+    state_dict() flushes; a fresh optimizer loading that state goes on as the first does."""
+    from seqcls.optim import MasterWeightAdamW, use_bf16_weights
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.ModuleDict({"emb": torch.nn.Embedding(30, 40), "lin": torch.nn.Linear(40, 3)})
+    models = [model(), model(), model()]
+    opts = []
+    for i, m in enumerate(models):
+        opts.append(MasterWeightAdamW(m.parameters(), lr=torch.tensor(1e-2), weight_decay=0.1,
+                                      decoupled_weight_decay=decoupled, masters=use_bf16_weights(m),
+                                      lazy_rows={m["emb"].weight: 16} if i != 1 else None))
+        if i != 1:
+            m["emb"].register_forward_pre_hook(opts[-1].catch_up_hook(m["emb"].weight))
+
+    def step(m, opt, t):
+        gen = torch.Generator().manual_seed(t)
+        ids = torch.randint(0, 30, (4, 5), generator=gen)
+        out = m["lin"](m["emb"](ids).to(torch.bfloat16)).float()
+        out.square().mean().backward()
+        opt.grad_scale = torch.tensor(1.0 + 0.2 * t)
+        opt.step()
+        del opt.grad_scale
+        opt.zero_grad(set_to_none=True)
+    for t in range(1, 7):
+        for i in (0, 1):
+            step(models[i], opts[i], t)
+    stale = not torch.allclose(models[0]["emb"].weight, models[1]["emb"].weight, rtol=1e-5, atol=1e-7)
+    saved = copy.deepcopy(opts[0].state_dict())  # flushes (a copy: torch.load would give new tensors)
+    emb_err = (models[0]["emb"].weight - models[1]["emb"].weight).abs().max().item()
+    moment_err = max((opts[0].state[a][k] - opts[1].state[b][k]).abs().max().item()
+                     for a, b in zip(models[0].parameters(), models[1].parameters()) for k in ("exp_avg", "exp_avg_sq"))
+    lin_equal = all(torch.equal(a, b) for a, b in zip(models[0]["lin"].parameters(), models[1]["lin"].parameters()))
+    models[2].load_state_dict(models[0].state_dict())
+    opts[2].load_state_dict(saved)
+    synced = opts[2]._lazy[models[2]["emb"].weight].last.tolist() == [6] * 30
+    for t in range(7, 10):
+        for i in (0, 2):
+            step(models[i], opts[i], t)
+    opts[0].flush()
+    opts[2].flush()
+    resumed_equal = all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[2].parameters()))
+    return {"stale_before_flush": stale, "emb_err": emb_err, "moment_err": moment_err, "lin_equal": lin_equal,
+            "synced": synced, "resumed_equal": resumed_equal}
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "optimizer":
+    if sys.argv[1] == "optimizer_lazy":
+        print(json.dumps(optimizer_lazy(sys.argv[2] == "adamw")))
+    elif sys.argv[1] == "lazy":
+        print(json.dumps(lazy(sys.argv[2] == "adamw")))
+    elif sys.argv[1] == "optimizer":
         print(json.dumps(optimizer(sys.argv[2] == "adamw")))
     else:
         print(json.dumps(main(sys.argv[1] == "adamw", float(sys.argv[2]))))

@@ -286,6 +286,30 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
     return True
 
 
+def use_lazy_rows(cfg: DictConfig, model, device: torch.device, master_weights: bool,
+                  plan: dict[str, int]) -> Optional[dict]:
+    """compile.lazy_embedding_update: the trained fp32 word embeddings -> the most steps between flushes (the
+    run's), for MasterWeightAdamW; where it cannot apply, one clear error."""
+    if not cfg.compile.lazy_embedding_update:
+        return None
+    from seqcls.dropout import supported as dropout_kernel_supported  # Triton's reach: NVIDIA GPUs
+    weight = model.get_input_embeddings().weight
+    why = None
+    if not master_weights:
+        why = "the master-weight optimizer (compile.bf16_master_weights with bf16 autocast, one process, AdamW/Adam)"
+    elif not dropout_kernel_supported(device):
+        why = "Triton on an NVIDIA GPU"
+    elif not weight.requires_grad or weight.dtype != torch.float32:
+        why = "trained fp32 word embeddings (full fine-tuning)"
+    elif cfg.compile.enabled and cfg.compile.scope != "blocks":
+        why = "compile.scope=blocks (the embedding's forward hook runs outside the compiled blocks)"
+    if why:
+        raise ConfigError(f"compile.lazy_embedding_update=true needs {why}; use compile.lazy_embedding_update=false")
+    log.info("the word embeddings' AdamW updates the rows each step touches, the rest lazily "
+             "(compile.lazy_embedding_update)")
+    return {weight: plan["total_steps"] + 1}
+
+
 def compile_model(model: torch.nn.Module, *, mode: str, per_block: bool, dynamic: Optional[bool],
                   combo_kernels: bool = False, options: Optional[dict] = None) -> torch.nn.Module:
     """Compile in place (nn.Module.compile): parameters, state-dict keys and .config stay as they are.
@@ -450,15 +474,20 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         raise ConfigError("compile.update_kernel=triton needs the master-weight update inside the step graphs "
                           "(bf16 autocast on an NVIDIA GPU, compile.cuda_graphs=step, one process); "
                           "use compile.update_kernel=inductor")
+    lazy_rows = use_lazy_rows(cfg, model, device, master_weights, plan)
     if master_weights:
         from seqcls.optim import MasterWeightAdamW, weight_buckets
         opt_kwargs.pop("fused")
         hyper = {k: v for k, v in cfg.optimizer.items() if k not in ("_target_", "_partial_")}
         optimizer = MasterWeightAdamW(params, **{**hyper, **opt_kwargs}, masters=masters, compiled=graphs,
+                                      lazy_rows=lazy_rows,
                                       buckets=weight_buckets(model, list(masters)),
                                       grads_in_place=cfg.compile.update_reads_grads if graphs else False,
                                       kernel=cfg.compile.update_kernel if graphs else "inductor",
                                       decoupled_weight_decay=cfg.optimizer._target_ == "torch.optim.AdamW")
+        if lazy_rows:  # the rows a batch looks up take the steps they owe before its forward reads them
+            embedding = model.get_input_embeddings()
+            embedding.register_forward_pre_hook(optimizer.catch_up_hook(embedding.weight))
     else:
         optimizer = instantiate(cfg.optimizer)(params, **opt_kwargs)
     if compiled:

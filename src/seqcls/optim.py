@@ -146,7 +146,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                  decoupled_weight_decay: bool = True, capturable: bool = False, compiled: bool = False,
                  masters: Optional[dict[torch.Tensor, torch.Tensor]] = None,
                  buckets: Optional[list[list[torch.Tensor]]] = None, grads_in_place: Optional[bool] = False,
-                 kernel: str = "inductor"):
+                 kernel: str = "inductor", lazy_rows: Optional[dict[torch.Tensor, int]] = None):
         """``masters``: bf16 parameter -> the fp32 weight it was rounded from (use_bf16_weights returns
         it); a bf16 parameter without one starts its master from its bf16 value. ``buckets``: how the
         bf16 parameters are grouped into flat buffers, one update kernel each (weight_buckets gives
@@ -157,12 +157,22 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         copy of the bucket's gradients end to end (seqcls's compile.update_reads_grads); None: in buckets
         of at most IN_PLACE_MAX_TENSORS tensors. ``kernel`` (with ``compiled``): "inductor", the compiled
         update above; "triton", seqcls.update_kernel's, which reads every bucket's gradients in place through
-        a table of their addresses (``grads_in_place`` then does not apply)."""
+        a table of their addresses (``grads_in_place`` then does not apply). ``lazy_rows``: fp32 embedding
+        matrix -> the most steps between flushes; each is updated row by row, lazily, by
+        seqcls.update_kernel.LazyRows (a CUDA GPU with Triton), and ``flush()`` brings every row up to date
+        (state_dict() flushes first)."""
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, capturable=capturable)
         self._buckets: list[list[_FlatBucket]] = []  # one list a parameter group (add_param_group)
         self._given = (dict(masters or {}), buckets)
         super().__init__(params, defaults)
+        self._lazy = {}
+        if lazy_rows:
+            from seqcls.update_kernel import LazyRows
+            for p, capacity in lazy_rows.items():
+                if p.dtype != torch.float32 or p.dim() != 2:
+                    raise ValueError("lazy_rows takes fp32 matrices (embeddings), one row a token")
+                self._lazy[p] = LazyRows(p, capacity)
         del self._given  # the fp32 weights now live in the flat masters
         # Static shapes: a kernel per bucket size (whole blocks: a few sizes), not a size-generic one.
         self._update, self._scalars, self._update_in_place = _master_update, _adam_scalars, None
@@ -212,7 +222,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 lr = lr.to(group["params"][0].device)  # torch.distributed.checkpoint's state init sets a CPU 0.0
             fused = {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [], "steps": []}
             for p in group["params"]:
-                if p.grad is not None and p.dtype != torch.bfloat16:
+                if p.grad is not None and p in self._lazy:
+                    self._step_lazy(p, group, lr)
+                elif p.grad is not None and p.dtype != torch.bfloat16:
                     state = self._init_state(p)
                     for key, value in zip(fused, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
                         fused[key].append(value)
@@ -262,6 +274,46 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                            state["exp_avg_sq"].view(-1), *_adam_scalars(state["step"], lr, beta1, beta2),
                            lr, scale, beta1, beta2, eps, wd, decoupled)
 
+    def _step_lazy(self, p: torch.Tensor, group: dict, lr) -> None:
+        state = self._init_state(p)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        scalars = self._scalars(state["step"], lr, beta1, beta2)
+        rows = self._lazy[p]
+        rows.record(state["step"], *scalars, 1 - lr * group["weight_decay"])
+        scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=p.device)
+        rows.launch(rows.STEP, p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], scale,
+                    beta1, beta2, group["eps"], group["weight_decay"], group["decoupled_weight_decay"])
+
+    @torch.no_grad()
+    def flush(self, only: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+        """Bring every row of the lazily updated embeddings up to date (before anything reads them or the
+        optimizer state: validation, checkpoints, the end of training). A no-op without any. ``only``:
+        (embedding, token ids): just the rows of those ids (before a forward reads them)."""
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p not in self._lazy or (only is not None and p is not only[0]):
+                    continue
+                rows, state = self._lazy[p], self._init_state(p)
+                if only is not None:
+                    rows.want(only[1])
+                rows.launch(rows.FLUSH if only is None else rows.CATCH_UP, p.detach(), None, state["exp_avg"],
+                            state["exp_avg_sq"], state["step"], torch.ones((), device=p.device), beta1, beta2,
+                            group["eps"], group["weight_decay"], group["decoupled_weight_decay"])
+
+    def catch_up_hook(self, weight: torch.Tensor):
+        """A forward pre-hook for the embedding module of ``weight``: while gradients are on (training),
+        the rows of the ids it is about to look up take the steps they owe first."""
+        def hook(module, args):
+            if torch.is_grad_enabled():
+                self.flush(only=(weight, args[0]))
+        return hook
+
+    def state_dict(self) -> dict:
+        self.flush()
+        return super().state_dict()
+
     def reads_grads_in_place(self, bucket: _FlatBucket) -> bool:
         """Whether the bucket's update reads its gradients where they lie (else from a copy end to end)."""
         return self._triton or len(bucket.params) <= self._in_place_max
@@ -284,6 +336,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     self.state[p][key] = views[p][key]
                 else:
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+        for p, rows in self._lazy.items():  # the saved state was flushed: every row is at the saved step
+            rows.sync(self.state[p]["step"])
 
     def masters(self) -> dict[torch.Tensor, torch.Tensor]:
         """bf16 parameter -> its fp32 master, for saving the model at full precision."""
