@@ -126,7 +126,6 @@ def multi_tensor_update(table: BlockTable, param: torch.Tensor, master: torch.Te
                        HAS_WD=bool(weight_decay), BLOCK=table.block, num_warps=NUM_WARPS)
 
 
-
 # ---------------------------------------------------------------------------------- the embeddings' rows
 _rows_kernel = None
 
@@ -180,17 +179,18 @@ def _build_rows():
 class LazyRows:
     """AdamW (or Adam) of one fp32 embedding matrix, row by row and lazily.
 
-    A batch's gradient is zero in every row of a token the batch does not hold (a b32 MRPC batch touches
-    ~1,000 of roberta's 50,265 rows), yet AdamW moves each such row every step (its moments decay, weight
-    decay and the momentum move the weight), so a dense update reads and writes all of the matrix's fp32
-    weights and moments each step (52M weights, 1.46 GB: 0.44 ms of full FT b32's step on an H100). Here a
-    row takes those zero-gradient steps only when a forward is about to read it (CATCH_UP, for the rows of
-    the batch's token ids, so the forward sees what the dense update would have left), or at a flush
-    (before anything else reads the weights or the state): then it replays them one by one, with each
-    step's own step size and decay, which ``record`` keeps in a ring of ``capacity`` steps. The step kernel
-    reads the gradient once, and only the touched rows' weights and moments. The arithmetic is seqcls.optim._master_update's in fp32
-    (with the gradient of a skipped step exactly zero), not torch's fused kernel's: the same up to float
-    rounding order. ``capacity`` must exceed the steps between flushes (the run's steps, as build sets it).
+    A batch's gradient is zero in every row of a token the batch does not hold (a b32 MRPC batch of ~1,700
+    tokens touches at most that many of roberta's 50,265 rows), yet AdamW moves each such row every step (its
+    moments decay, weight decay and the momentum move the weight), so a dense update reads and writes all of the
+    matrix's fp32 weights and moments each step (52M weights, 1.46 GB: 0.44 ms of full FT b32's step on an
+    H100). Here a row takes those zero-gradient steps only when a forward is about to read it (CATCH_UP, for the
+    rows of the batch's token ids, so the forward sees what the dense update would have left), or at a flush
+    (before anything else reads the weights or the state): then it replays them one by one, with each step's own
+    step size and decay, which ``record`` keeps in a ring of ``capacity`` steps. The step kernel reads the
+    gradient once, and only the touched rows' weights and moments. The arithmetic is
+    seqcls.optim._master_update's in fp32 (with the gradient of a skipped step exactly zero), not torch's fused
+    kernel's: the same up to float rounding order. ``capacity`` must exceed the steps between flushes (the run's
+    steps, as build sets it).
     """
 
     def __init__(self, param: torch.Tensor, capacity: int):
@@ -215,6 +215,8 @@ class LazyRows:
         """STEP: this step (``step`` counts it) for the rows ``grad`` touches, after the steps they skipped.
         FLUSH: every row up to ``step``. CATCH_UP: the rows flagged in ``wanted`` (want) up to ``step``."""
         global _rows_kernel
+        if grad is not None and (grad.layout != torch.strided or not grad.is_contiguous()):
+            raise ValueError("the lazy embedding update takes a dense, contiguous gradient (nn.Embedding(sparse=False))")
         if _rows_kernel is None:
             _rows_kernel = _build_rows()
         import triton
