@@ -381,3 +381,32 @@ def test_lazy_embedding_update_where_it_cannot_apply_is_one_clear_error(tmp_path
     with pytest.raises(ConfigError, match=r"compile.lazy_embedding_update=true needs .* use "
                                           r"compile.lazy_embedding_update=false"):
         build_trainer(cfg, tmp_path / "run")
+
+
+def test_the_trainer_flushes_the_optimizer_before_each_validation_checkpoint_and_the_end(tmp_path, synthetic_dir,
+                                                                                         monkeypatch):
+    """What compile.lazy_embedding_update relies on (rows behind until a flush): the trainer flushes the
+    optimizer before anything reads the weights or the state, at the step where it reads them."""
+    from seqcls.build import build_trainer
+    events = []
+    flush = MasterWeightAdamW.flush
+
+    def logged_flush(self, only=None):
+        if only is None:
+            events.append(("flush", trainer.step))
+        return flush(self, only)
+    monkeypatch.setattr(MasterWeightAdamW, "flush", logged_flush)
+    trainer = build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, tmp_path / "run") + [
+        "precision=bf16", "step_scheduler.max_steps=7", "step_scheduler.val_every_steps=3",
+        "step_scheduler.ckpt_every_steps=2"]), tmp_path / "run")
+    assert isinstance(trainer.optimizer, MasterWeightAdamW)
+    validate, save = trainer.validate, trainer.checkpointer.save
+    trainer.validate = lambda: (events.append(("validate", trainer.step)), validate())[1]
+    trainer.checkpointer.save = lambda t: (events.append(("save", trainer.step)), save(t))[1]
+    trainer.fit()
+    reads = [e for e in events if e[0] != "flush"]
+    assert reads == [("save", 2), ("validate", 3), ("save", 4), ("validate", 6), ("save", 6), ("validate", 7),
+                     ("save", 7)]
+    for i, (kind, step) in enumerate(events):
+        if kind != "flush":  # a flush at the same step came before it
+            assert ("flush", step) in events[:i], (kind, step, events)
