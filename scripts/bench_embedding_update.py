@@ -62,17 +62,15 @@ def main():
     lazy = LazyRows(p, capacity=1 << 16)
     t = torch.full((), 1000.0, device=dev)
     unique = torch.unique(ids)
+    rest = (hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"], True)
 
     def lazy_step():
         lazy.last.index_put_((unique,), (t.to(torch.int32) - args.owed).expand(unique.numel()))
-        lazy.want(ids)
-        lazy.launch(lazy.CATCH_UP, p, None, m, v, t, scale, hyper["beta1"], hyper["beta2"], hyper["eps"],
-                    hyper["weight_decay"], True)
+        lazy.catch_up(ids, p, m, v, t, rest)
         t.add_(1)
         step_size, bc2 = _adam_scalars(t, lr, hyper["beta1"], hyper["beta2"])
         lazy.record(t, step_size, bc2, 1 - lr * hyper["weight_decay"])
-        lazy.launch(lazy.STEP, p, grad, m, v, t, scale, hyper["beta1"], hyper["beta2"], hyper["eps"],
-                    hyper["weight_decay"], True)
+        lazy.step(p, grad, m, v, t, scale, rest)
     ms, _, _ = cuda_graph_ms(lazy_step, args.reps)
     rows.append((f"lazy rows: catch-up ({args.owed} owed steps a row) + step, {unique.numel()} rows",
                  ms * 1e3, 7 * p.numel() * 4 / ms / 1e6))

@@ -362,7 +362,7 @@ def test_lazy_embedding_rows_step_as_every_row_stepped_every_step(form):
     r = run_interpreted("update_kernel_cases", "lazy", form)
     assert max(r["err"].values()) <= 1e-6, r
     assert r["untouched_kept"] and r["stale_rows"] > 50 and r["wanted_cleared"], r
-    assert r["last"] == [12] * 20 and r["moved"] > 1e-2, r
+    assert r["last"] == [12] * 22 and r["moved"] > 1e-2, r
 
 
 @pytest.mark.parametrize("form", ["adamw", "adam"])

@@ -91,7 +91,7 @@ def lazy(decoupled: bool) -> dict:
     and 8, where the step's own kernel replays what they owe), the touched rows after each step, every row
     after each flush (steps 6 and 12)."""
     torch.manual_seed(0)
-    rows, width, wd = 20, 40, 0.1  # 40 columns: a block of 64 with a masked tail
+    rows, width, wd = 22, 40, 0.1  # 40 columns: a block of 64 with a masked tail; 22 rows: a program of 2 of 4
     ref = {"p": torch.randn(rows, width), "m": torch.zeros(rows, width), "v": torch.zeros(rows, width)}
     got = {k: v.clone() for k, v in ref.items()}
     lazy_rows = update_kernel.LazyRows(got["p"], capacity=16)
@@ -99,7 +99,7 @@ def lazy(decoupled: bool) -> dict:
     gen = torch.Generator().manual_seed(1)
     err = {"caught_up": 0.0, "touched": 0.0, "flush": 0.0}
     stale_rows, untouched_kept = 0, True
-    hyper = (0.9, 0.999, 1e-8, wd, decoupled)
+    hyper = (0.9, 0.999, 1e-8, wd, decoupled)  # beta1, beta2, eps, weight decay, decoupled
 
     def max_err(which):
         return max((got[k][which] - ref[k][which]).abs().max().item() if which.any() else 0.0 for k in got)
@@ -108,8 +108,9 @@ def lazy(decoupled: bool) -> dict:
         touched = torch.rand(rows, generator=gen) < 0.3
         grad = torch.randn(rows, width, generator=gen) * touched[:, None]
         if t not in (3, 8):
-            lazy_rows.want(touched.nonzero().reshape(-1).repeat(2))  # ids repeat, as tokens do
-            lazy_rows.launch(lazy_rows.CATCH_UP, got["p"], None, got["m"], got["v"], step, torch.ones(()), *hyper)
+            ids = touched.nonzero().reshape(-1).repeat(2)  # ids repeat, as tokens do
+            lazy_rows.catch_up(ids[torch.randperm(ids.numel(), generator=gen)], got["p"], got["m"], got["v"], step,
+                               hyper)
             err["caught_up"] = max(err["caught_up"], max_err(touched))
         step += 1
         step_size, bc2 = optim._adam_scalars(step, lr, 0.9, 0.999)
@@ -117,12 +118,12 @@ def lazy(decoupled: bool) -> dict:
         dense_adam(ref, grad, scale, step_size, bc2, decay, decoupled, wd)
         before = {k: v.clone() for k, v in got.items()}
         lazy_rows.record(step, step_size, bc2, decay)
-        lazy_rows.launch(lazy_rows.STEP, got["p"], grad, got["m"], got["v"], step, scale, *hyper)
+        lazy_rows.step(got["p"], grad, got["m"], got["v"], step, scale, hyper)
         err["touched"] = max(err["touched"], max_err(touched))
         untouched_kept &= all(torch.equal(got[k][~touched], before[k][~touched]) for k in got)
         stale_rows += int((got["p"] != ref["p"]).any(1).sum())
         if t in (6, 12):
-            lazy_rows.launch(lazy_rows.FLUSH, got["p"], None, got["m"], got["v"], step, torch.ones(()), *hyper)
+            lazy_rows.flush(got["p"], got["m"], got["v"], step, hyper)
             err["flush"] = max(err["flush"], max_err(torch.ones(rows, dtype=torch.bool)))
     return {"err": err, "stale_rows": stale_rows, "untouched_kept": untouched_kept,
             "last": lazy_rows.last.tolist(), "wanted_cleared": not lazy_rows.wanted.any().item(),

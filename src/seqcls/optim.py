@@ -277,13 +277,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def _step_lazy(self, p: torch.Tensor, group: dict, lr) -> None:
         state = self._init_state(p)
         state["step"] += 1
-        beta1, beta2 = group["betas"]
-        scalars = self._scalars(state["step"], lr, beta1, beta2)
+        scalars = self._scalars(state["step"], lr, *group["betas"])
         rows = self._lazy[p]
         rows.record(state["step"], *scalars, 1 - lr * group["weight_decay"])
         scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=p.device)
-        rows.launch(rows.STEP, p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], scale,
-                    beta1, beta2, group["eps"], group["weight_decay"], group["decoupled_weight_decay"])
+        rows.step(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], scale, self._hyper(group))
+
+    @staticmethod
+    def _hyper(group: dict) -> tuple:
+        return (*group["betas"], group["eps"], group["weight_decay"], group["decoupled_weight_decay"])
 
     @torch.no_grad()
     def flush(self, only: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
@@ -291,16 +293,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         optimizer state: validation, checkpoints, the end of training). A no-op without any. ``only``:
         (embedding, token ids): just the rows of those ids (before a forward reads them)."""
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p not in self._lazy or (only is not None and p is not only[0]):
                     continue
                 rows, state = self._lazy[p], self._init_state(p)
-                if only is not None:
-                    rows.want(only[1])
-                rows.launch(rows.FLUSH if only is None else rows.CATCH_UP, p.detach(), None, state["exp_avg"],
-                            state["exp_avg_sq"], state["step"], torch.ones((), device=p.device), beta1, beta2,
-                            group["eps"], group["weight_decay"], group["decoupled_weight_decay"])
+                args = (p.detach(), state["exp_avg"], state["exp_avg_sq"], state["step"], self._hyper(group))
+                if only is None:
+                    rows.flush(*args)
+                else:
+                    rows.catch_up(only[1], *args)
 
     def catch_up_hook(self, weight: torch.Tensor):
         """A forward pre-hook for the embedding module of ``weight``: while gradients are on (training),

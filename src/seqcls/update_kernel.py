@@ -135,44 +135,50 @@ def _build_rows():
     import triton.language as tl
 
     @triton.jit
-    def adamw_rows(param, grad, exp_avg, exp_avg_sq, last, wanted, step_size_hist, bc2_hist, decay_hist, step_ptr,
-                   scale_ptr, width, capacity, one_minus_beta1, beta2, one_minus_beta2, eps, wd,
-                   DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
-        r = tl.program_id(0)
+    def adamw_rows(param, source, exp_avg, exp_avg_sq, last, wanted, step_size_hist, bc2_hist, decay_hist, step_ptr,
+                   scale_ptr, n, width, capacity, one_minus_beta1, beta2, one_minus_beta2, eps, wd,
+                   DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK: tl.constexpr):
         cols = tl.arange(0, BLOCK)
         mask = cols < width
-        offs = r.to(tl.int64) * width + cols
         t = tl.load(step_ptr).to(tl.int32)
-        since = tl.load(last + r)
         zero = tl.zeros((BLOCK,), dtype=tl.float32)
-        g = zero
-        if MODE == 0:  # the step: the rows its gradient touched take the steps they skipped, then this one
-            g = tl.load(grad + offs, mask=mask, other=0.0) / tl.load(scale_ptr)
-            go = tl.sum((g != 0).to(tl.int32), axis=0) > 0  # a NaN counts as touched
-        elif MODE == 1:  # flush: every row that is behind takes its zero-gradient steps up to step t
-            go = t > since
-        else:  # catch up the rows a forward is about to read (flagged in wanted) to step t
-            go = (tl.load(wanted + r) != 0) & (t > since)
-            tl.store(wanted + r, 0)
-        if go:
-            p = tl.load(param + offs, mask=mask)
-            m = tl.load(exp_avg + offs, mask=mask)
-            v = tl.load(exp_avg_sq + offs, mask=mask)
-            for s in range(since + 1, t + 1):
-                i = s % capacity
-                gs = tl.where(s == t, g, zero)
-                if HAS_WD:
-                    if DECOUPLED:
-                        p = p * tl.load(decay_hist + i)
-                    else:
-                        gs = gs + wd * p
-                m = m + one_minus_beta1 * (gs - m)
-                v = v * beta2 + one_minus_beta2 * gs * gs
-                p = p - m / (tl.sqrt(v) / tl.load(bc2_hist + i) + eps) * tl.load(step_size_hist + i)
-            tl.store(param + offs, p, mask=mask)
-            tl.store(exp_avg + offs, m, mask=mask)
-            tl.store(exp_avg_sq + offs, v, mask=mask)
-            tl.store(last + r, t)
+        for j in tl.static_range(ROWS):
+            k = tl.program_id(0) * ROWS + j
+            if k < n:
+                if MODE == 2:  # catch-up: k-th of the batch's ids; the first program to claim its flag does it
+                    r = tl.load(source + k).to(tl.int32)
+                else:  # step, flush: k-th row
+                    r = k
+                offs = r.to(tl.int64) * width + cols
+                since = tl.load(last + r)
+                g = zero
+                if MODE == 0:  # the step: the rows its gradient touched take the steps they skipped, then this one
+                    g = tl.load(source + offs, mask=mask, other=0.0) / tl.load(scale_ptr)
+                    go = tl.sum((g != 0).to(tl.int32), axis=0) > 0  # a NaN counts as touched
+                elif MODE == 1:  # flush: every row that is behind takes its zero-gradient steps up to step t
+                    go = t > since
+                else:  # catch up the rows a forward is about to read to step t
+                    go = (tl.atomic_xchg(wanted + r, 0) != 0) & (t > since)
+                if go:
+                    p = tl.load(param + offs, mask=mask)
+                    m = tl.load(exp_avg + offs, mask=mask)
+                    v = tl.load(exp_avg_sq + offs, mask=mask)
+                    for s in range(since + 1, t + 1):
+                        i = s % capacity
+                        gs = tl.where(s == t, g, zero)
+                        if HAS_WD:
+                            if DECOUPLED:
+                                p = p * tl.load(decay_hist + i)
+                            else:
+                                gs = gs + wd * p
+                        m = m + one_minus_beta1 * (gs - m)
+                        v = v * beta2 + one_minus_beta2 * gs * gs
+                        p = p - m / (tl.sqrt(v) / tl.load(bc2_hist + i) + eps) * tl.load(step_size_hist + i)
+                    tl.store(param + offs, p, mask=mask)
+                    tl.store(exp_avg + offs, m, mask=mask)
+                    tl.store(exp_avg_sq + offs, v, mask=mask)
+                    tl.store(last + r, t)
     return adamw_rows
 
 
@@ -183,7 +189,7 @@ class LazyRows:
     tokens touches at most that many of roberta's 50,265 rows), yet AdamW moves each such row every step (its
     moments decay, weight decay and the momentum move the weight), so a dense update reads and writes all of the
     matrix's fp32 weights and moments each step (52M weights, 1.46 GB: 0.44 ms of full FT b32's step on an
-    H100). Here a row takes those zero-gradient steps only when a forward is about to read it (CATCH_UP, for the
+    H100). Here a row takes those zero-gradient steps only when a forward is about to read it (catch_up, for the
     rows of the batch's token ids, so the forward sees what the dense update would have left), or at a flush
     (before anything else reads the weights or the state): then it replays them one by one, with each step's own
     step size and decay, which ``record`` keeps in a ring of ``capacity`` steps. The step kernel reads the
@@ -198,7 +204,7 @@ class LazyRows:
         self.width = param.numel() // rows
         self.capacity = capacity
         self.last = torch.zeros(rows, dtype=torch.int32, device=param.device)  # the step each row has reached
-        self.wanted = torch.zeros(rows, dtype=torch.int8, device=param.device)  # rows a forward is about to read
+        self.wanted = torch.zeros(rows, dtype=torch.int32, device=param.device)  # rows a forward is about to read
         self.hist = torch.zeros((3, capacity), dtype=torch.float32, device=param.device)  # step size, bc2, decay
 
     def record(self, step: torch.Tensor, step_size: torch.Tensor, bc2: torch.Tensor, decay) -> None:
@@ -208,28 +214,38 @@ class LazyRows:
                               torch.as_tensor(decay, dtype=torch.float32, device=self.hist.device).reshape(())])
         self.hist.index_copy_(1, i, values.reshape(3, 1))
 
-    STEP, FLUSH, CATCH_UP = 0, 1, 2
+    ROWS = 4  # rows a program of the step and the flush (50,265 rows: ~12.6k programs rather than 50k)
 
-    def launch(self, mode: int, param, grad, exp_avg, exp_avg_sq, step, grad_scale, beta1, beta2, eps, weight_decay,
-               decoupled) -> None:
-        """STEP: this step (``step`` counts it) for the rows ``grad`` touches, after the steps they skipped.
-        FLUSH: every row up to ``step``. CATCH_UP: the rows flagged in ``wanted`` (want) up to ``step``."""
-        global _rows_kernel
-        if grad is not None and (grad.layout != torch.strided or not grad.is_contiguous()):
+    def step(self, param, grad, exp_avg, exp_avg_sq, step, grad_scale, hyper) -> None:
+        """This step (``step`` counts it) for the rows ``grad`` touches, after the steps they skipped.
+        ``hyper``: (beta1, beta2, eps, weight_decay, decoupled)."""
+        if grad.layout != torch.strided or not grad.is_contiguous():
             raise ValueError("the lazy embedding update takes a dense, contiguous gradient (nn.Embedding(sparse=False))")
+        self._launch(0, param, grad, self.last.numel(), exp_avg, exp_avg_sq, step, grad_scale, hyper)
+
+    def flush(self, param, exp_avg, exp_avg_sq, step, hyper) -> None:
+        """Every row up to ``step``."""
+        self._launch(1, param, param, self.last.numel(), exp_avg, exp_avg_sq, step, None, hyper)
+
+    def catch_up(self, ids: torch.Tensor, param, exp_avg, exp_avg_sq, step, hyper) -> None:
+        """The rows of ``ids`` (a batch's token ids, repeats and all) up to ``step``, before a forward reads them:
+        one program an id; of an id's repeats, the first to clear the row's flag does it."""
+        ids = ids.reshape(-1)
+        self.wanted.index_fill_(0, ids.to(torch.int64), 1)
+        self._launch(2, param, ids, ids.numel(), exp_avg, exp_avg_sq, step, None, hyper, rows=1)
+
+    def _launch(self, mode, param, source, n, exp_avg, exp_avg_sq, step, grad_scale, hyper, rows=ROWS) -> None:
+        global _rows_kernel
         if _rows_kernel is None:
             _rows_kernel = _build_rows()
         import triton
+        beta1, beta2, eps, weight_decay, decoupled = hyper
         block = triton.next_power_of_2(self.width)
-        _rows_kernel[(self.last.numel(),)](
-            param, grad if grad is not None else param, exp_avg, exp_avg_sq, self.last, self.wanted, self.hist[0],
-            self.hist[1], self.hist[2], step, grad_scale, self.width, self.capacity, 1 - beta1, beta2, 1 - beta2, eps,
-            weight_decay, DECOUPLED=bool(decoupled), HAS_WD=bool(weight_decay), MODE=mode, BLOCK=block,
-            num_warps=4 if block <= 1024 else 8)
-
-    def want(self, ids: torch.Tensor) -> None:
-        """Flag the rows of ``ids`` (a batch's token ids) for the next CATCH_UP."""
-        self.wanted.index_fill_(0, ids.reshape(-1).to(torch.int64), 1)
+        _rows_kernel[(triton.cdiv(n, rows),)](
+            param, source, exp_avg, exp_avg_sq, self.last, self.wanted, self.hist[0], self.hist[1], self.hist[2], step,
+            grad_scale if grad_scale is not None else step, n, self.width, self.capacity, 1 - beta1, beta2, 1 - beta2,
+            eps, weight_decay, DECOUPLED=bool(decoupled), HAS_WD=bool(weight_decay), MODE=mode, ROWS=rows,
+            BLOCK=block, num_warps=4 if block <= 1024 else 8)
 
     def sync(self, step: torch.Tensor) -> None:
         """After a load: every row holds the state of ``step``."""
