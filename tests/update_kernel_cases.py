@@ -179,8 +179,62 @@ def optimizer_lazy(decoupled: bool) -> dict:
             "synced": synced, "resumed_equal": resumed_equal}
 
 
+def trainer_lazy(folder: str) -> dict:
+    """Two CPU runs of the tiny model (bf16 autocast, master weights, eager), the word embeddings updated
+    lazily (the build's forward hook, the trainer's flushes) in one and by torch's dense fused AdamW in the
+    other, validating every 3 of 6 steps: their train and validation losses and final weights."""
+    from pathlib import Path
+
+    from seqcls.build import build_trainer
+    from tests.conftest import compose_cfg, synthetic_overrides, write_synthetic
+    data = write_synthetic(Path(folder) / "data", n_train=96, n_val=16)
+    # A word-level vocabulary of the synthetic task's words: an embedding of ~30 rows, not MiniLM's 30,522,
+    # which Triton's interpreter would take minutes a run to go through
+    words = {w for line in (data / "train.csv").read_text().splitlines()[1:] + (data / "dev.csv").read_text(
+    ).splitlines()[1:] for w in line.rsplit(",", 1)[0].split()}
+    tok = Path(folder) / "tokenizer"
+    tok.mkdir()
+    (tok / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
+    (tok / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    out = {}
+    for lazy in (True, False):
+        run_dir = Path(folder) / f"lazy_{lazy}"
+        trainer = build_trainer(compose_cfg(synthetic_overrides(data, run_dir) + [
+            "precision=bf16", "compile.enabled=false", "checkpoint.enabled=false", "step_scheduler.max_steps=6",
+            "step_scheduler.log_every_steps=1", "step_scheduler.val_every_steps=3", "optimizer.weight_decay=0.01",
+            f"compile.lazy_embedding_update={str(lazy).lower()}", f"model.tokenizer_name_or_path={tok}"]), run_dir)
+        behind = []  # rows behind the optimizer's step at each flush: the laziness the comparison covers
+        if trainer.optimizer._lazy:
+            flush, lazy_rows = trainer.optimizer.flush, next(iter(trainer.optimizer._lazy.values()))
+
+            def counted_flush(only=None, flush=flush, lazy_rows=lazy_rows, trainer=trainer):
+                if only is None:
+                    behind.append(int((lazy_rows.last < trainer.step).sum()))
+                return flush(only)
+            trainer.optimizer.flush = counted_flush
+        trainer.fit()
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        out[lazy] = {"train": [r["loss"] for r in rows if r["split"] == "train"],
+                     "validation": [r["loss"] for r in rows if r["split"] == "validation"],
+                     "params": {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()},
+                     "lazy": bool(trainer.optimizer._lazy), "behind_at_flushes": behind,
+                     "behind_at_end": (int((next(iter(trainer.optimizer._lazy.values())).last < 6).sum())
+                                       if trainer.optimizer._lazy else None)}
+    a, b = out[True], out[False]
+    train_err = max(abs(x - y) / max(abs(y), 1e-6) for x, y in zip(a["train"], b["train"]))
+    val_err = max(abs(x - y) / max(abs(y), 1e-6) for x, y in zip(a["validation"], b["validation"]))
+    param_err = max((a["params"][n] - b["params"][n]).abs().max().item() for n in b["params"])
+    return {"lazy": [a["lazy"], b["lazy"]], "steps": [len(a["train"]), len(b["train"])],
+            "validations": [len(a["validation"]), len(b["validation"])], "train_err": train_err,
+            "rows": a["params"]["bert.embeddings.word_embeddings.weight"].shape[0],
+            "val_err": val_err, "param_err": param_err, "behind_at_flushes": a["behind_at_flushes"],
+            "behind_at_end": a["behind_at_end"]}
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "optimizer_lazy":
+    if sys.argv[1] == "trainer_lazy":
+        print(json.dumps(trainer_lazy(sys.argv[2])))
+    elif sys.argv[1] == "optimizer_lazy":
         print(json.dumps(optimizer_lazy(sys.argv[2] == "adamw")))
     elif sys.argv[1] == "lazy":
         print(json.dumps(lazy(sys.argv[2] == "adamw")))
