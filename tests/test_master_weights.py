@@ -344,15 +344,6 @@ def test_master_weight_adamw_with_the_triton_kernel_trains_as_the_eager_update(f
     assert r["tables"] == [True, True]  # both buckets (one named, the rest) went through the kernel
 
 
-def test_triton_update_kernel_without_step_graphs_is_one_clear_error(tmp_path):
-    from seqcls.build import build_trainer
-    from seqcls.config import ConfigError
-    data = write_synthetic(tmp_path / "data", n_train=16, n_val=8)
-    cfg = compose_cfg(synthetic_overrides(data, tmp_path / "run") + ["compile.update_kernel=triton"])
-    with pytest.raises(ConfigError, match=r"compile.update_kernel=triton needs .* use compile.update_kernel=inductor"):
-        build_trainer(cfg, tmp_path / "run")
-
-
 @pytest.mark.parametrize("form", ["adamw", "adam"])
 def test_lazy_embedding_rows_step_as_every_row_stepped_every_step(form):
     """compile.lazy_embedding_update (seqcls.update_kernel.LazyRows), in Triton's interpreter, against every
@@ -373,13 +364,17 @@ def test_master_weight_adamw_with_lazy_embedding_rows_trains_as_the_dense_update
     assert r["synced"] and r["resumed_equal"], r
 
 
-def test_lazy_embedding_update_where_it_cannot_apply_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("setting,message", [
+    ("compile.update_kernel=triton", r"compile.update_kernel=triton needs .* use compile.update_kernel=inductor"),
+    ("compile.lazy_embedding_update=true",
+     r"compile.lazy_embedding_update=true needs .* use compile.lazy_embedding_update=false")],
+    ids=["triton-update-without-step-graphs", "lazy-embedding-update-where-it-cannot-apply"])
+def test_an_update_option_where_it_cannot_apply_is_one_clear_error(tmp_path, setting, message):
     from seqcls.build import build_trainer
     from seqcls.config import ConfigError
     data = write_synthetic(tmp_path / "data", n_train=16, n_val=8)
-    cfg = compose_cfg(synthetic_overrides(data, tmp_path / "run") + ["compile.lazy_embedding_update=true"])
-    with pytest.raises(ConfigError, match=r"compile.lazy_embedding_update=true needs .* use "
-                                          r"compile.lazy_embedding_update=false"):
+    cfg = compose_cfg(synthetic_overrides(data, tmp_path / "run") + [setting])
+    with pytest.raises(ConfigError, match=message):
         build_trainer(cfg, tmp_path / "run")
 
 
@@ -391,10 +386,9 @@ def test_the_trainer_flushes_the_optimizer_before_each_validation_checkpoint_and
     events = []
     flush = MasterWeightAdamW.flush
 
-    def logged_flush(self, only=None):
-        if only is None:
-            events.append(("flush", trainer.step))
-        return flush(self, only)
+    def logged_flush(self):
+        events.append(("flush", trainer.step))
+        return flush(self)
     monkeypatch.setattr(MasterWeightAdamW, "flush", logged_flush)
     trainer = build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, tmp_path / "run") + [
         "precision=bf16", "step_scheduler.max_steps=7", "step_scheduler.val_every_steps=3",

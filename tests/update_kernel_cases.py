@@ -207,10 +207,9 @@ def trainer_lazy(folder: str) -> dict:
         if trainer.optimizer._lazy:
             flush, lazy_rows = trainer.optimizer.flush, next(iter(trainer.optimizer._lazy.values()))
 
-            def counted_flush(only=None, flush=flush, lazy_rows=lazy_rows, trainer=trainer):
-                if only is None:
-                    behind.append(int((lazy_rows.last < trainer.step).sum()))
-                return flush(only)
+            def counted_flush(flush=flush, lazy_rows=lazy_rows, trainer=trainer):
+                behind.append(int((lazy_rows.last < trainer.step).sum()))
+                return flush()
             trainer.optimizer.flush = counted_flush
         trainer.fit()
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

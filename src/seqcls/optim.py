@@ -166,13 +166,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self._buckets: list[list[_FlatBucket]] = []  # one list a parameter group (add_param_group)
         self._given = (dict(masters or {}), buckets)
         super().__init__(params, defaults)
-        self._lazy = {}
+        self._lazy: dict = {}  # fp32 embedding -> its LazyRows
         if lazy_rows:
             from seqcls.update_kernel import LazyRows
             for p, capacity in lazy_rows.items():
                 if p.dtype != torch.float32 or p.dim() != 2:
                     raise ValueError("lazy_rows takes fp32 matrices (embeddings), one row a token")
                 self._lazy[p] = LazyRows(p, capacity)
+        self._lazy_group = {p: g for g in self.param_groups for p in g["params"] if p in self._lazy}
         del self._given  # the fp32 weights now live in the flat masters
         # Static shapes: a kernel per bucket size (whole blocks: a few sizes), not a size-generic one.
         self._update, self._scalars, self._update_in_place = _master_update, _adam_scalars, None
@@ -287,28 +288,27 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def _hyper(group: dict) -> tuple:
         return (*group["betas"], group["eps"], group["weight_decay"], group["decoupled_weight_decay"])
 
+    def _lazy_args(self, p: torch.Tensor) -> tuple:
+        """What LazyRows' flush and catch_up take besides their own: the weight, its moments, step, hyperparameters."""
+        state = self._init_state(p)
+        return p.detach(), state["exp_avg"], state["exp_avg_sq"], state["step"], self._hyper(self._lazy_group[p])
+
     @torch.no_grad()
-    def flush(self, only: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+    def flush(self) -> None:
         """Bring every row of the lazily updated embeddings up to date (before anything reads them or the
-        optimizer state: validation, checkpoints, the end of training). A no-op without any. ``only``:
-        (embedding, token ids): just the rows of those ids (before a forward reads them)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p not in self._lazy or (only is not None and p is not only[0]):
-                    continue
-                rows, state = self._lazy[p], self._init_state(p)
-                args = (p.detach(), state["exp_avg"], state["exp_avg_sq"], state["step"], self._hyper(group))
-                if only is None:
-                    rows.flush(*args)
-                else:
-                    rows.catch_up(only[1], *args)
+        optimizer state: validation, checkpoints, the end of training). A no-op without any."""
+        for p, rows in self._lazy.items():
+            rows.flush(*self._lazy_args(p))
 
     def catch_up_hook(self, weight: torch.Tensor):
         """A forward pre-hook for the embedding module of ``weight``: while gradients are on (training),
         the rows of the ids it is about to look up take the steps they owe first."""
+        rows = self._lazy[weight]
+
         def hook(module, args):
             if torch.is_grad_enabled():
-                self.flush(only=(weight, args[0]))
+                with torch.no_grad():
+                    rows.catch_up(args[0], *self._lazy_args(weight))
         return hook
 
     def state_dict(self) -> dict:

@@ -390,7 +390,7 @@ class Trainer:
                 if pending is not None and (validate or save or self.stop_requested):
                     self._write_train_row(pending, bar)  # its row before the validation's
                     pending = None
-                if (validate or save or last or self.stop_requested) and hasattr(self.optimizer, "flush"):
+                if (validate or save or self.stop_requested) and hasattr(self.optimizer, "flush"):
                     self.optimizer.flush()  # rows of a lazily updated embedding, before anything reads them
                 if validate:
                     self.validate()
