@@ -100,6 +100,10 @@ CASES = [
     ("files_missing_value", ["dataset.validation_file=???"], "validation_file"),
     ("resume_nothing_there", ["checkpoint.restore_from={root}/nothing"], "no checkpoint there"),
     ("keep_last_zero", ["checkpoint.keep_last_k=0"], "keep_last_k must be"),
+    ("best_metric_unknown", ["checkpoint.best_metric=acc"], "use one of accuracy, loss"),
+    ("early_stopping_without_validations", ["step_scheduler.early_stopping_patience=2"], "set step_scheduler.val_every_steps"),
+    ("early_stopping_patience_zero", ["step_scheduler.early_stopping_patience=0", "step_scheduler.val_every_steps=2"],
+     "early_stopping_patience must be > 0"),
     ("fsdp2_mesh_too_big", ["distributed=fsdp2", "distributed.dp_size=4"], "dp_size"),
     ("hub_dataset_offline", ["dataset=glue_rte"], "dataset.data_dir"),
 ]

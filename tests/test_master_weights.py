@@ -176,7 +176,7 @@ def test_a_run_stopped_and_resumed_continues_from_the_fp32_masters_exactly(tmp_p
     build_trainer(cfg(tmp_path / "ref"), tmp_path / "ref").fit()
     first = build_trainer(cfg(tmp_path / "run"), tmp_path / "run")
     first.stop_signal = StopAt(first, 4)
-    assert first.fit()["stopped_early"]
+    assert first.fit()["preempted"]
     second = build_trainer(cfg(tmp_path / "run"), tmp_path / "run")
     assert second.step == 4
     second.fit()

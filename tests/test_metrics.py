@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from seqcls.metrics import compute_metrics, main_metric
+from seqcls.metrics import compute_metrics, main_metric, metric_names
 
 
 def onehot_logits(preds, k=2):
@@ -43,3 +43,12 @@ def test_multiclass_adds_macro_f1():
 def test_main_metric_follows_glue_conventions():
     assert [main_metric(t, n) for t, n in [("cola", 2), ("stsb", 1), ("mrpc", 2), ("sst2", 2), ("mnli", 3)]] == \
         ["mcc", "pearson", "f1", "accuracy", "accuracy"]
+
+
+@pytest.mark.parametrize("task,num_labels", [("mrpc", 2), ("qqp", 2), ("cola", 2), ("stsb", 1), ("regression", 1),
+                                             ("mnli", 3), ("sst2", 2), ("classification", 5)])
+def test_metric_names_are_what_validation_reports(task, num_labels):
+    logits = np.random.default_rng(0).normal(size=(6, num_labels)).astype(np.float32)
+    labels = np.array([0, 1, 0, 1, 0, 1]) if num_labels > 1 else np.linspace(0, 5, 6)
+    assert metric_names(task, num_labels) == [*compute_metrics(task, num_labels, logits, labels), "loss"]
+    assert main_metric(task, num_labels) in metric_names(task, num_labels)

@@ -6,10 +6,11 @@ import pickle
 
 import yaml
 
-from seqcls.report import collect, main, parse_overrides, swept_fields
+from seqcls.report import best_run, collect, main, parse_overrides, swept_fields
 
 
-def fake_run(sweep, num, overrides, *, best=None, final=None, error=None, steps_logged=None, job_id=None):
+def fake_run(sweep, num, overrides, *, best=None, final=None, error=None, steps_logged=None, job_id=None,
+             metric="accuracy"):
     run = sweep / str(num)
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -18,8 +19,9 @@ def fake_run(sweep, num, overrides, *, best=None, final=None, error=None, steps_
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     if best is not None:
         (run / "results.json").write_text(json.dumps({
-            "steps": 40, "wall_time_s": 12.5, "stopped_early": False, "final": {"accuracy": final, "loss": 0.3},
-            "best": {"metric": "accuracy", "value": best, "step": 30}}))
+            "steps": 40, "wall_time_s": 12.5, "preempted": False, "final": {"accuracy": final, "loss": 0.3},
+            "best": {"metric": metric, "value": best, "step": 30,
+                     **({} if metric == "accuracy" else {"greater_is_better": metric != "loss"})}}))
     if error is not None:
         (run / "error.txt").write_text(error + "\n\nTraceback (most recent call last):\n  ...\n")
     if steps_logged is not None:
@@ -92,3 +94,12 @@ def test_a_run_that_succeeds_after_an_earlier_failure_in_the_same_dir_is_ok(tmp_
     (run / "results.json").write_text(json.dumps({"steps": 4, "wall_time_s": 1.0, "final": {"accuracy": 0.5},
                                                   "best": {"metric": "accuracy", "value": 0.5, "step": 4}}))
     assert [r.status for r in collect(sweep)] == ["ok"]
+
+
+def test_the_best_run_of_a_loss_sweep_is_the_lowest(tmp_path):
+    sweep = tmp_path / "sweep"
+    for num, value in enumerate([0.52, 0.31, 0.47]):
+        fake_run(sweep, num, [f"optimizer.lr={num}e-4"], best=value, final=value, metric="loss")
+    assert best_run(collect(sweep)).job == "1"
+    # results.json from before greater_is_better was written: higher is better
+    assert best_run(collect(fabricated_sweep(tmp_path))).job == "1"

@@ -142,3 +142,42 @@ def test_a_log_steps_values_are_read_after_the_next_step_is_queued_and_its_row_p
     rows = read_rows(run_dir, "train")
     assert [r["step"] for r in rows] == [2, 4, 6, 7] and all(r["samples_per_s"] > 0 for r in rows)
     assert all(isinstance(r[k], float) for r in rows for k in ("loss", "lr", "grad_norm"))
+
+
+def test_early_stopping_stops_after_its_patience_keeps_the_best_and_resumes_its_count(tmp_path, synthetic_dir):
+    run_dir = tmp_path / "run"
+    # A threshold no accuracy change can pass: only the first validation counts as an improvement.
+    base = synthetic_overrides(synthetic_dir, run_dir) + [
+        "step_scheduler.num_epochs=6", "step_scheduler.val_every_steps=2", "step_scheduler.early_stopping_threshold=1.0"]
+    results = run(compose_cfg(base + ["step_scheduler.early_stopping_patience=2"]))
+    assert results["steps"] == 6 and results["early_stopped"]
+    assert [r["step"] for r in read_rows(run_dir, "validation")] == [2, 4, 6]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "BEST").read_text().strip() == "step_00000002"  # saved as the new best
+    assert (ckpts / "LATEST").read_text().strip() == "step_00000006"
+    assert json.loads((run_dir / "results.json").read_text())["early_stopped"]
+    rows = (run_dir / "metrics.jsonl").read_text()
+    assert run(compose_cfg(base + ["step_scheduler.early_stopping_patience=2"]))["steps"] == 6  # complete: untouched
+    assert (run_dir / "metrics.jsonl").read_text() == rows
+    # More patience resumes the run with its count (2 validations without improvement): one more validation.
+    more = run(compose_cfg(base + ["step_scheduler.early_stopping_patience=3"]))
+    assert more["steps"] == 8 and more["early_stopped"]
+    assert [r["step"] for r in read_rows(run_dir, "validation")] == [2, 4, 6, 8]
+    # Patience running out at the last step is not an early stop.
+    full = run(compose_cfg(base[:-3] + [f"run_dir={tmp_path / 'full'}", "step_scheduler.max_steps=6",
+                                        "step_scheduler.val_every_steps=2", "step_scheduler.early_stopping_threshold=1.0",
+                                        "step_scheduler.early_stopping_patience=2"]))
+    assert full["steps"] == 6 and not full["early_stopped"]
+
+
+def test_loss_as_best_metric_keeps_the_lowest_loss(tmp_path, synthetic_dir):
+    run_dir = tmp_path / "run"
+    results = run(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+        "step_scheduler.max_steps=8", "step_scheduler.val_every_steps=2", "step_scheduler.ckpt_every_steps=2",
+        "checkpoint.best_metric=loss", "checkpoint.keep_last_k=1", "optimizer.lr=3e-3"]))
+    val = read_rows(run_dir, "validation")
+    lowest = min(val, key=lambda r: r["loss"])
+    assert max(r["loss"] for r in val) > lowest["loss"]
+    assert results["best"]["value"] == lowest["loss"] and results["best"]["step"] == lowest["step"]
+    assert not results["best"]["greater_is_better"]
+    assert (run_dir / "checkpoints" / "BEST").read_text().strip() == f"step_{lowest['step']:08d}"

@@ -556,6 +556,8 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         max_grad_norm=cfg.step_scheduler.max_grad_norm, autocast_dtype=amp_dtype,
         best_metric=best_metric, checkpointer=checkpointer, cuda_graphs=graphs,
         capture_ahead=cfg.compile.capture_ahead,
+        early_stopping_patience=cfg.step_scheduler.early_stopping_patience,
+        early_stopping_threshold=cfg.step_scheduler.early_stopping_threshold,
         loggers=build_loggers(cfg, run_dir=run_dir, is_writer=dist_info.is_writer))
     if checkpointer is not None:
         resume(trainer, checkpointer, cfg.checkpoint.restore_from, run_dir)

@@ -51,6 +51,12 @@ class StepSchedulerConfig:
     """How often a train row goes to metrics.jsonl."""
     max_grad_norm: Optional[float] = 1.0
     """Clip the global gradient norm to this value (null: no clipping)."""
+    early_stopping_patience: Optional[int] = None
+    """Stop once this many validations in a row have not improved checkpoint.best_metric (by more than
+    early_stopping_threshold), after saving a checkpoint; needs val_every_steps. Each validation that sets a
+    new best is checkpointed too, so BEST holds the best model. null: train to the end."""
+    early_stopping_threshold: float = 0.0
+    """How much a validation must improve on the best so far to count as an improvement."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "local_batch_size", "num_epochs", "log_every_steps"):
@@ -60,6 +66,12 @@ class StepSchedulerConfig:
             _check(v is None or v > 0, f"step_scheduler.{name} must be > 0 or null, got {v}")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0,
                f"step_scheduler.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience > 0,
+               f"step_scheduler.early_stopping_patience must be > 0 or null, got {self.early_stopping_patience}")
+        _check(self.early_stopping_threshold >= 0,
+               f"step_scheduler.early_stopping_threshold must be >= 0, got {self.early_stopping_threshold}")
+        _check(self.early_stopping_patience is None or self.val_every_steps is not None,
+               "step_scheduler.early_stopping_patience counts validations: set step_scheduler.val_every_steps too")
 
 
 @dataclass
@@ -250,7 +262,8 @@ class CheckpointConfig:
     """latest (resume if the run dir has a checkpoint), a checkpoint path, or none."""
     keep_last_k: Optional[int] = 2
     best_metric: Optional[str] = None
-    """Validation metric that picks BEST; null: the task's main metric."""
+    """Validation metric that picks BEST (and that early stopping watches): one of the task's metrics, or
+    loss (lower is better); null: the task's main metric."""
 
     def __post_init__(self) -> None:
         _check(self.model_save_format == "safetensors",
@@ -471,6 +484,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        from seqcls.metrics import metric_names
+        names = metric_names(self.dataset.task, self.dataset.num_labels)
+        _check(self.checkpoint.best_metric in (None, *names),
+               f"checkpoint.best_metric={self.checkpoint.best_metric!r} is not a validation metric of "
+               f"dataset.task={self.dataset.task!r}; use one of {', '.join(names)}")
 
 
 def register_configs() -> None:

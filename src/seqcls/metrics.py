@@ -10,7 +10,7 @@ _F1_TASKS = {"mrpc", "qqp"}
 
 
 def main_metric(task: str, num_labels: int) -> str:
-    """The metric that picks the best checkpoint (higher is better)."""
+    """The metric that picks the best checkpoint by default (higher is better)."""
     if num_labels == 1 or task in ("stsb", "regression"):
         return "pearson"
     if task == "cola":
@@ -18,6 +18,21 @@ def main_metric(task: str, num_labels: int) -> str:
     if task in _F1_TASKS:
         return "f1"
     return "accuracy"
+
+
+def metric_names(task: str, num_labels: int) -> list[str]:
+    """The names compute_metrics returns for the task, and the validation loss: what
+    ``checkpoint.best_metric`` may name."""
+    if num_labels == 1 or task in ("stsb", "regression"):
+        names = ["pearson", "spearmanr"]
+    else:
+        names = ["accuracy"] + ["f1"] * (task in _F1_TASKS) + ["mcc"] * (task == "cola") + ["macro_f1"] * (num_labels > 2)
+    return names + ["loss"]
+
+
+def greater_is_better(name: str) -> bool:
+    """Whether a higher value of the validation metric ``name`` is better (every metric but the loss)."""
+    return name != "loss"
 
 
 def compute_metrics(task: str, num_labels: int, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

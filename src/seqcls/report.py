@@ -3,7 +3,7 @@
 One row per run (each ``SWEEP_DIR/<job num>/`` holding ``.hydra/overrides.yaml``): its overrides, the best
 and final validation metric (results.json), steps, wall time, and a status:
 
-    ok       results.json is written (and the run did not stop early)
+    ok       results.json is written (and the run was not preempted before its end)
     failed   error.txt (written by seqcls.train), or submitit recorded an error for the job, or its
              log shows Slurm ended it (scancel, time limit, node failure, out of memory)
     running  neither yet: still running, pending, stopped for a requeue, or killed without a trace
@@ -36,6 +36,7 @@ class RunRow:
     metric: Optional[str] = None
     best: Optional[float] = None
     best_step: Optional[int] = None
+    greater_is_better: bool = True
     final: Optional[float] = None
     steps: Optional[int] = None
     wall_time_s: Optional[float] = None
@@ -111,13 +112,14 @@ def read_run(sweep_dir: Path, run_dir: Path) -> RunRow:
         results = json.loads(results_path.read_text())
         best, final = results.get("best") or {}, results.get("final") or {}
         row.metric, row.best, row.best_step = best.get("metric"), best.get("value"), best.get("step")
+        row.greater_is_better = best.get("greater_is_better", True)
         row.final = final.get(row.metric) if row.metric else None
         row.steps, row.wall_time_s = results.get("steps"), results.get("wall_time_s")
     # An error.txt older than results.json is from an earlier attempt in the same dir.
     if error_path.is_file() and not (results is not None and results_path.stat().st_mtime > error_path.stat().st_mtime):
         row.status = "failed"
         row.error = (error_path.read_text().strip().splitlines() or ["failed (error.txt is empty)"])[0]
-    elif results is not None and not results.get("stopped_early"):
+    elif results is not None and not results.get("preempted"):
         row.status = "ok"
     else:
         row.error = _submitit_error(sweep_dir, run_dir)
@@ -145,8 +147,9 @@ def swept_fields(rows: list[RunRow]) -> list[str]:
 
 
 def best_run(rows: list[RunRow]) -> Optional[RunRow]:
+    """The ok run with the best value of the metric (the lowest, for the loss)."""
     ok = [r for r in rows if r.status == "ok" and r.best is not None]
-    return max(ok, key=lambda r: r.best) if ok else None
+    return max(ok, key=lambda r: r.best if r.greater_is_better else -r.best) if ok else None
 
 
 def _fmt(v: Any) -> str:

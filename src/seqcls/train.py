@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     setup_logging(launcher_rank() == 0)
     trainer = build_trainer(cfg, run_dir)  # resumes from the run dir's latest checkpoint if there is one
     run_dir = trainer.run_dir
-    if trainer.step >= trainer.total_steps and (run_dir / "results.json").exists():
+    if trainer.finished and (run_dir / "results.json").exists():
         shutdown_distributed(trainer.dist)
         log.info("the run in %s is already complete; its results stay as they are (pass a new run_dir "
                  "to train again)", run_dir)
@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         shutdown_distributed(trainer.dist)
     if trainer.dist.is_writer:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-    if results["stopped_early"]:
+    if results["preempted"]:
         log.warning("stopped by signal at step %d after saving a checkpoint; re-run the same command to resume",
                     results["steps"])
         trainer.stop_signal.forward_or_exit()
@@ -89,8 +89,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.dist.is_writer:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         final = results["final"] or {}
-        log.info("done: %d steps in %.1f s; final validation %s; best %s=%.4f at step %s", results["steps"],
-                 results["wall_time_s"], " ".join(f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float)),
+        log.info("done: %d steps%s in %.1f s; final validation %s; best %s=%.4f at step %s", results["steps"],
+                 " (stopped early)" if results["early_stopped"] else "", results["wall_time_s"], " ".join(f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float)),
                  results["best"]["metric"], float("nan") if results["best"]["value"] is None else results["best"]["value"],
                  results["best"]["step"])
     return results

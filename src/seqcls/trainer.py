@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from seqcls.distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum
 from seqcls.errors import NonFiniteLossError
-from seqcls.metrics import compute_metrics
+from seqcls.metrics import compute_metrics, greater_is_better
 
 log = logging.getLogger("seqcls")
 
@@ -170,7 +170,8 @@ class Trainer:
                  num_epochs: int, log_every_steps: int, val_every_steps: Optional[int],
                  ckpt_every_steps: Optional[int], max_grad_norm: Optional[float], autocast_dtype: Optional[torch.dtype],
                  best_metric: str, checkpointer=None, loggers: Sequence[Any] = (), cuda_graphs: bool = False,
-                 capture_ahead: bool = False):
+                 capture_ahead: bool = False, early_stopping_patience: Optional[int] = None,
+                 early_stopping_threshold: float = 0.0):
         self.model, self.train_loader, self.val_loaders = model, train_loader, val_loaders
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.dist = device, dist_info
@@ -180,12 +181,16 @@ class Trainer:
         self.log_every_steps, self.val_every_steps, self.ckpt_every_steps = log_every_steps, val_every_steps, ckpt_every_steps
         self.max_grad_norm, self.autocast_dtype = max_grad_norm, autocast_dtype
         self.best_metric, self.checkpointer = best_metric, checkpointer
+        self.early_stopping_patience, self.early_stopping_threshold = early_stopping_patience, early_stopping_threshold
         if dist_info.is_writer:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl", dist_info.is_writer, loggers)
         # Progress state, saved in checkpoints.
         self.step, self.epoch, self.batches_into_epoch = 0, 0, 0
-        self.best: dict[str, Any] = {"metric": best_metric, "value": None, "step": None}
+        self.best: dict[str, Any] = {"metric": best_metric, "value": None, "step": None,
+                                     "greater_is_better": greater_is_better(best_metric)}
+        # Validations in a row that did not improve on the best by more than early_stopping_threshold.
+        self.validations_without_improvement = 0
         # Train loss summed since the last train row of metrics.jsonl (kept so a resumed run logs the same rows).
         self.window_loss = torch.zeros((), device=device)
         self.window_examples = 0
@@ -204,12 +209,18 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batches_into_epoch": self.batches_into_epoch,
                 "best": dict(self.best), "window_loss": float(all_reduce_sum(self.window_loss, self.dist)),
-                "window_examples": self.window_examples}
+                "window_examples": self.window_examples,
+                "validations_without_improvement": self.validations_without_improvement}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batches_into_epoch = int(state["batches_into_epoch"])
-        self.best = dict(state["best"])
+        if state["best"].get("metric") == self.best_metric:
+            self.best = {"greater_is_better": True, **state["best"]}  # checkpoints from before the key: higher was better
+            self.validations_without_improvement = int(state.get("validations_without_improvement", 0))
+        elif self.dist.is_writer:  # the value kept is another metric's: the next validation starts afresh
+            log.warning("the checkpoint's best metric is %s, this run's %s: the best is tracked anew from the next "
+                        "validation", state["best"].get("metric"), self.best_metric)
         # The summed loss of all ranks goes to rank 0; the train row sums it over ranks again.
         self.window_loss.fill_(state["window_loss"] if self.dist.is_writer else 0.0)
         self.window_examples = int(state["window_examples"])
@@ -312,11 +323,24 @@ class Trainer:
                 log.info("step %d validation %s: %s", self.step, name,
                          " ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
             first = first or m
-        value = first[self.best_metric]
-        if self.best["value"] is None or value > self.best["value"]:
-            self.best = {"metric": self.best_metric, "value": value, "step": self.step, "metrics": first}
+        value, best = first[self.best_metric], self.best["value"]
+        sign = 1.0 if self.best["greater_is_better"] else -1.0
+        improved = best is None or sign * (value - best) > self.early_stopping_threshold
+        self.validations_without_improvement = 0 if improved else self.validations_without_improvement + 1
+        if best is None or sign * (value - best) > 0:
+            self.best = {**self.best, "value": value, "step": self.step, "metrics": first}
         self.last_validation = first
         return first
+
+    @property
+    def patience_exhausted(self) -> bool:
+        """Whether the best metric went early_stopping_patience validations in a row without improving."""
+        return self.early_stopping_patience is not None and \
+            self.validations_without_improvement >= self.early_stopping_patience
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps or self.patience_exhausted
 
     def upcoming_shapes(self) -> list[dict[str, torch.Tensor]]:
         """One collated micro-batch of each batch shape that the rest of the run trains on, in the order
@@ -357,7 +381,7 @@ class Trainer:
         # A log step's values, read on the host only once the next step is queued (LogValues): reading them
         # at once would leave the GPU idle while the host writes the row and prepares the next batch.
         pending: Optional[dict[str, Any]] = None
-        done = self.step >= self.total_steps
+        done = self.finished
         if done and self.step > 0:  # resumed from the final checkpoint: only the final metrics are missing
             self.validate()
         while not done:
@@ -394,10 +418,19 @@ class Trainer:
                     self.optimizer.flush()  # rows of a lazily updated embedding, before anything reads them
                 if validate:
                     self.validate()
+                    # With early stopping, each new best is saved: BEST then names the best model.
+                    if self.early_stopping_patience is not None and self.best["step"] == self.step:
+                        save = self.checkpointer is not None
+                    if self.patience_exhausted and not last:
+                        if self.dist.is_writer:
+                            log.info("early stopping at step %d: %s has not improved for %d validations (best %.4f "
+                                     "at step %s)", self.step, self.best_metric, self.validations_without_improvement,
+                                     self.best["value"], self.best["step"])
+                        save = self.checkpointer is not None
                 if save:
                     self._check_finite(bad_step)
                     self.checkpointer.save(self)
-                if last or self.stop_requested:
+                if last or self.stop_requested or self.patience_exhausted:
                     done = True
                     break
             else:
@@ -407,7 +440,8 @@ class Trainer:
                 self.batches_into_epoch = 0
         bar.close()
         return {"steps": self.step, "epochs_completed": self.epoch, "wall_time_s": time.time() - start,
-                "final": self.last_validation, "best": self.best, "stopped_early": self.stop_requested and self.step < self.total_steps}
+                "final": self.last_validation, "best": self.best, "early_stopped": self.patience_exhausted and self.step < self.total_steps,
+                "preempted": self.stop_requested and not self.finished}
 
     def _write_train_row(self, pending: dict[str, Any], bar) -> None:
         """The train row of a log step from ``pending`` (no row for a window with a non-finite loss: the run
