@@ -69,9 +69,12 @@ def test_wrong_type_is_rejected_with_the_key_name():
     ("compile.scope=layers", "compile.scope must be model or blocks"),
     ("compile.varlen_kernel=fast", "compile.varlen_kernel must be auto, flash, efficient or short"),
     ("compile.dropout_masks=cuda", "compile.dropout_masks must be auto, inductor, triton or triton_bits, got 'cuda'"),
+    ("dataset=glue_stsb loss.label_smoothing=0.1", "apply to classification"),
+    ("dataset=glue_stsb checkpoint.best_metric=f1", "use one of pearson, spearmanr, loss"),
+    ("dataset=glue_cola checkpoint.best_metric=mcc step_scheduler.early_stopping_threshold=-1", "threshold must be >= 0"),
 ])
 def test_impossible_values_fail_the_schema_checks(override, needle):
-    cfg = compose_cfg([override])
+    cfg = compose_cfg(override.split())
     with pytest.raises(ConfigError, match=needle):
         OmegaConf.to_object(cfg)
 

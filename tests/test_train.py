@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -181,3 +182,45 @@ def test_loss_as_best_metric_keeps_the_lowest_loss(tmp_path, synthetic_dir):
     assert results["best"]["value"] == lowest["loss"] and results["best"]["step"] == lowest["step"]
     assert not results["best"]["greater_is_better"]
     assert (run_dir / "checkpoints" / "BEST").read_text().strip() == f"step_{lowest['step']:08d}"
+
+
+def test_class_weights_and_label_smoothing_are_the_loss_the_run_trains_on(tmp_path, synthetic_dir):
+    run_dir = tmp_path / "run"
+    trainer = build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+        "step_scheduler.max_steps=1", "step_scheduler.log_every_steps=1", "checkpoint.enabled=false",
+        "loss.class_weights=[0.25,2.0]", "loss.label_smoothing=0.1"]), run_dir)
+    loader = trainer.train_loader  # the first batch, without moving the sampler
+    batch = loader.collate_fn([loader.dataset[i] for i in loader.batch_sampler.micro_batches(0)[0]])
+    labels = batch.pop("labels")
+    trainer.model.train()
+    with torch.no_grad():
+        logits = trainer.model(**batch).logits
+
+    def loss(logits, labels, **kw):
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="sum", **kw).item() / len(labels)
+
+    expected = loss(logits, labels, weight=torch.tensor([0.25, 2.0]), label_smoothing=0.1)
+    assert abs(expected - loss(logits, labels)) > 1e-2  # the weights matter on this batch
+    trainer.fit()
+    assert read_rows(run_dir, "train")[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    trainer.model.eval()
+    val_logits, val_labels = [], []
+    with torch.no_grad():
+        for b in trainer.val_loaders["validation"]:
+            val_labels.append(b.pop("labels"))
+            val_logits.append(trainer.model(**b).logits)
+    # Validation reports plain cross-entropy, comparable between runs with other weights.
+    expected_val = loss(torch.cat(val_logits), torch.cat(val_labels))
+    assert read_rows(run_dir, "validation")[-1]["loss"] == pytest.approx(expected_val, rel=1e-5)
+
+
+def test_balanced_class_weights_are_scikit_learns():
+    from sklearn.utils.class_weight import compute_class_weight
+    from seqcls.errors import ConfigError
+    from seqcls.trainer import class_weights
+    labels = [0] * 7 + [1] * 2 + [2] * 3
+    assert class_weights("balanced", labels, 3) == pytest.approx(
+        compute_class_weight("balanced", classes=np.arange(3), y=np.array(labels)).tolist())
+    assert class_weights([1, 3], [0, 1], 2) == [1.0, 3.0] and class_weights(None, labels, 3) is None
+    with pytest.raises(ConfigError, match="class 1 has no training example"):
+        class_weights("balanced", [0, 0, 2], 3)

@@ -533,6 +533,12 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         for name in cfg.dataset.validation_splits}
 
     best_metric = cfg.checkpoint.best_metric or main_metric(cfg.dataset.task, cfg.dataset.num_labels)
+    weights = None
+    if cfg.dataset.num_labels > 1:
+        from seqcls.trainer import class_weights
+        weights = class_weights(cfg.loss.class_weights, splits["train"]["labels"], cfg.dataset.num_labels)
+        if weights is not None and dist_info.is_writer:
+            log.info("class weights in the loss: %s", ", ".join(f"{w:.4g}" for w in weights))
     checkpointer = None
     if cfg.checkpoint.enabled:
         lora = None
@@ -558,6 +564,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         capture_ahead=cfg.compile.capture_ahead,
         early_stopping_patience=cfg.step_scheduler.early_stopping_patience,
         early_stopping_threshold=cfg.step_scheduler.early_stopping_threshold,
+        class_weights=weights, label_smoothing=cfg.loss.label_smoothing,
         loggers=build_loggers(cfg, run_dir=run_dir, is_writer=dist_info.is_writer))
     if checkpointer is not None:
         resume(trainer, checkpointer, cfg.checkpoint.restore_from, run_dir)

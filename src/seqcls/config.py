@@ -273,6 +273,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class LossConfig:
+    class_weights: Any = None
+    """Cross-entropy weight of each class: null (all 1), balanced (n / (num_labels x the class's count) over
+    the training split, as scikit-learn's class_weight='balanced'), or a list of num_labels weights in label
+    order. The training loss is the weighted sum over examples divided by their number; the validation
+    loss stays plain cross-entropy (comparable between runs with other weights)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing of the training loss, in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        w = self.class_weights
+        _check(w is None or w == "balanced" or (isinstance(w, (list, tuple)) and len(w) > 0 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in w) and any(x > 0 for x in w)),
+               f"loss.class_weights must be null, balanced or a list of weights >= 0 (not all 0), got {w!r}")
+        _check(0.0 <= self.label_smoothing < 1.0,
+               f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
 class LoggerConfig:
     backend: str = "none"
     """Where metrics rows go besides metrics.jsonl and TensorBoard (which every run writes):
@@ -468,6 +487,7 @@ class TrainConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
     # A default rather than MISSING: config.yaml of runs from before the group still loads (seqcls.runs).
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 42
     """One seed for data order, initialisation and dropout."""
     cpu_keep_freed_memory: bool = True
@@ -484,6 +504,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dataset.num_labels == 1:
+            _check(self.loss.class_weights is None and self.loss.label_smoothing == 0.0,
+                   "loss.class_weights and loss.label_smoothing apply to classification; a regression "
+                   "(dataset.num_labels=1) trains on the squared error: leave them at null and 0")
+        elif isinstance(self.loss.class_weights, (list, tuple)):
+            _check(len(self.loss.class_weights) == self.dataset.num_labels,
+                   f"loss.class_weights has {len(self.loss.class_weights)} weights for "
+                   f"dataset.num_labels={self.dataset.num_labels}; give one a class, in label order")
         from seqcls.metrics import metric_names
         names = metric_names(self.dataset.task, self.dataset.num_labels)
         _check(self.checkpoint.best_metric in (None, *names),

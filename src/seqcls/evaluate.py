@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from omegaconf import MISSING
 
 from seqcls.build import build_split, resolve_device
 from seqcls.config import ConfigError
 from seqcls.data import DataError
 from seqcls.metrics import compute_metrics
+from seqcls.trainer import loss_sum
 from seqcls.runs import (checkpoint_step, find_checkpoint, load_classifier, load_run_config, logits_of, parse_args,
                          setup_cli, user_errors, write_json_atomic)
 
@@ -70,9 +70,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "validation", check
     labels = torch.tensor(ds["labels"])
     num_labels = cfg.dataset.num_labels
     metrics = compute_metrics(cfg.dataset.task, num_labels, logits, labels.numpy())
-    t = torch.from_numpy(logits)
-    # The loss the trainer reports on validation: mean cross-entropy (MSE for regression).
-    loss = F.mse_loss(t.squeeze(-1), labels.float()) if num_labels == 1 else F.cross_entropy(t, labels)
+    # The loss the trainer reports on validation: mean cross-entropy (MSE for regression), plain.
+    loss = loss_sum(torch.from_numpy(logits), labels, num_labels) / max(1, len(labels))
     result = {"split": split, "checkpoint": str(ckpt), "step": checkpoint_step(ckpt), **metrics,
               "loss": float(loss), "num_examples": len(ds)}
     write_json_atomic(run_dir / f"eval_{split}.json", result)

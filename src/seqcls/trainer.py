@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from seqcls.distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum
-from seqcls.errors import NonFiniteLossError
+from seqcls.errors import ConfigError, NonFiniteLossError
 from seqcls.metrics import compute_metrics, greater_is_better
 
 log = logging.getLogger("seqcls")
@@ -72,6 +72,29 @@ class StopSignal:
         if callable(prev):
             prev(self.signum, None)
         sys.exit(EXIT_PREEMPTED)
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, num_labels: int, *, weight: Optional[torch.Tensor] = None,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed loss of a batch: cross-entropy (with class ``weight`` and ``label_smoothing``), or for a regression
+    (num_labels=1) squared error. Validation reports it plain (no weights, no smoothing)."""
+    if num_labels == 1:
+        return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
+    return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=label_smoothing, reduction="sum")
+
+
+def class_weights(spec: Any, labels: Sequence[int], num_labels: int) -> Optional[list[float]]:
+    """loss.class_weights as a list of num_labels weights (None for null). ``balanced``: n / (num_labels x
+    count) for each class over ``labels`` (the training split's), as scikit-learn's class_weight='balanced'."""
+    if spec is None:
+        return None
+    if spec != "balanced":
+        return [float(w) for w in spec]
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
+    if (counts == 0).any():
+        raise ConfigError(f"loss.class_weights=balanced: class {int(np.argmin(counts))} has no training example; "
+                          f"give the weights as a list")
+    return (len(labels) / (num_labels * counts)).tolist()
 
 
 def total_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -171,7 +194,8 @@ class Trainer:
                  ckpt_every_steps: Optional[int], max_grad_norm: Optional[float], autocast_dtype: Optional[torch.dtype],
                  best_metric: str, checkpointer=None, loggers: Sequence[Any] = (), cuda_graphs: bool = False,
                  capture_ahead: bool = False, early_stopping_patience: Optional[int] = None,
-                 early_stopping_threshold: float = 0.0):
+                 early_stopping_threshold: float = 0.0, class_weights: Optional[Sequence[float]] = None,
+                 label_smoothing: float = 0.0):
         self.model, self.train_loader, self.val_loaders = model, train_loader, val_loaders
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.dist = device, dist_info
@@ -182,6 +206,9 @@ class Trainer:
         self.max_grad_norm, self.autocast_dtype = max_grad_norm, autocast_dtype
         self.best_metric, self.checkpointer = best_metric, checkpointer
         self.early_stopping_patience, self.early_stopping_threshold = early_stopping_patience, early_stopping_threshold
+        self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32,
+                                                                              device=device)
+        self.label_smoothing = label_smoothing
         if dist_info.is_writer:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl", dist_info.is_writer, loggers)
@@ -235,9 +262,9 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.num_labels == 1:
-            return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
+        """The training objective: loss_sum with the run's class weights and label smoothing."""
+        return loss_sum(logits, labels, self.num_labels, weight=self.class_weights,
+                        label_smoothing=self.label_smoothing)
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed loss of a micro-batch already on the device (labels included)."""
@@ -282,7 +309,7 @@ class Trainer:
         """Metrics over every example of the split exactly once (each rank holds a disjoint shard)."""
         self.model.eval()
         logits_parts, label_parts = [], []
-        loss_sum = torch.zeros((), device=self.device)
+        loss_total = torch.zeros((), device=self.device)
         # Shards differ by one example when the split does not divide, but under FSDP every forward
         # all-gathers with every rank: a rank with fewer batches runs filler forwards (its last batch
         # again, a shape already seen, or one token; outputs dropped) to match the rank with the most.
@@ -300,12 +327,12 @@ class Trainer:
             labels = batch.pop("labels")
             with self._autocast():
                 logits = self.model(**batch).logits
-            loss_sum += self._loss_sum(logits, labels)
+            loss_total += loss_sum(logits, labels, self.num_labels)  # plain: comparable across loss settings
             logits_parts.append(logits.float())
             label_parts.append(labels)
         logits = torch.cat(logits_parts).cpu().numpy() if logits_parts else np.zeros((0, self.num_labels), np.float32)
         labels = torch.cat(label_parts).cpu().numpy() if label_parts else np.zeros((0,))
-        gathered = all_gather_objects((logits, labels, float(loss_sum)), self.dist)
+        gathered = all_gather_objects((logits, labels, float(loss_total)), self.dist)
         logits = np.concatenate([g[0] for g in gathered])
         labels = np.concatenate([g[1] for g in gathered])
         metrics = compute_metrics(self.task, self.num_labels, logits, labels)
