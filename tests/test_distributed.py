@@ -79,7 +79,8 @@ def one_rank(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(data_dir, tmp_path_factory):
-    """One torchrun launch, three runs: full fine-tuning and LoRA on FSDP (mesh dp_shard=2), LoRA on HSDP.
+    """One torchrun launch, four runs: full fine-tuning and LoRA on FSDP (mesh dp_shard=2), LoRA on HSDP, full
+    fine-tuning on FSDP with activation checkpointing.
 
     dp_replicate_size=2 puts both ranks on the replicate dim (mesh 2 x 1): gradients are then averaged
     by HSDP's all-reduce rather than the reduce-scatter. Each rank's Hydra gets its own dir, so that
@@ -89,7 +90,8 @@ def two_ranks(data_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_ranks")
     hydra_dir = f"hydra.run.dir={tmp}/hydra/" + "${oc.env:RANK}"
     runs = {"fsdp": TWO_RANKS, "fsdp_lora": TWO_RANKS + LORA,
-            "hsdp_lora": TWO_RANKS + LORA + ["distributed.dp_replicate_size=2"]}
+            "hsdp_lora": TWO_RANKS + LORA + ["distributed.dp_replicate_size=2"],
+            "fsdp_checkpointed": TWO_RANKS + ["distributed.activation_checkpointing=true"]}
     out = torchrun(tmp, [synthetic_overrides(data_dir, tmp / name) + o + [hydra_dir] for name, o in runs.items()])
     return {name: tmp / name for name in runs}, out, tmp
 
@@ -182,6 +184,15 @@ def test_lora_on_two_ranks_trains_like_lora_on_one_rank(one_rank_lora, two_ranks
     dirs, out, _ = two_ranks
     assert f"fsdp2: mesh {mesh}" in out[0]
     assert_same_training(dirs[name], one_rank_lora)
+
+
+@pytest.mark.dist
+def test_activation_checkpointing_under_fsdp2_trains_like_one_rank(one_rank, two_ranks):
+    # FSDP2's all-gathers run again inside each block's recompute in the backward.
+    dirs, out, _ = two_ranks
+    assert "activation checkpointing: 2 transformer blocks" in out[0]
+    assert_same_training(dirs["fsdp_checkpointed"], one_rank[0])
+    assert_same_weights(final_model_dir(dirs["fsdp_checkpointed"]), final_model_dir(one_rank[0]))
 
 
 @pytest.mark.dist

@@ -278,6 +278,8 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
         why = "FSDP2 and several processes run their collectives outside graphs"
     elif cfg.optimizer._target_ not in ADAM_TARGETS:
         why = f"{cfg.optimizer._target_} has no capturable fused update"
+    elif cfg.distributed.activation_checkpointing:
+        why = "the step graphs are not built for activation checkpointing's recompute in the backward"
     elif attn_implementation == "eager":
         why = "HF's eager attention builds its mask with a host-to-GPU copy, which a graph cannot hold (use sdpa)"
     if why:
@@ -400,6 +402,12 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     # Same seed, same initialisation: the head is drawn after the data, independent of its size.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
+    if cfg.distributed.activation_checkpointing:  # before FSDP2, whose hooks then run inside the checkpoint
+        from seqcls.distributed import checkpoint_blocks
+        if not (n := checkpoint_blocks(model)):
+            raise ConfigError("distributed.activation_checkpointing=true: found no list of transformer blocks in "
+                              "this model to checkpoint; set it to false")
+        log.info("activation checkpointing: %d transformer blocks recompute their forward in the backward", n)
     if cfg.distributed.strategy == "fsdp2":  # after LoRA and freezing, before the optimizer sees the parameters
         from seqcls.distributed import apply_fsdp2
         model = apply_fsdp2(model, cfg.distributed, dist_info=dist_info, device=device)

@@ -230,6 +230,9 @@ class DistributedConfig:
     tp_size: int = 1
     cp_size: int = 1
     sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+    """Keep only each transformer block's input for the backward, which recomputes the block: activation
+    memory of one block instead of all, for about one more forward's compute a step. With or without FSDP2."""
     reshard_after_forward: bool = True
     """Free each block's gathered parameters after its forward (re-gathered in backward): less memory,
     one more all-gather per block. false keeps them until backward."""

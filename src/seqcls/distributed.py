@@ -190,6 +190,18 @@ def find_transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return best
 
 
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Activation checkpointing of each transformer block (distributed.activation_checkpointing), with
+    torch.distributed's composable ``checkpoint``: module names, state-dict keys and the FSDP2 sharding
+    (applied after it) stay as they are. A block's forward keeps only its inputs for the backward, which
+    runs the block again with the RNG state of its forward (the same dropout masks). Returns how many."""
+    from torch.distributed._composable import checkpoint
+    blocks = find_transformer_blocks(model)
+    for block in blocks:
+        checkpoint(block)
+    return len(blocks)
+
+
 def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh, *, param_dtype: Optional[torch.dtype],
                reduce_dtype: Optional[torch.dtype], reshard_after_forward: bool) -> nn.Module:
     """Shard each block, then the root (embeddings, pooler, head: whatever the blocks left over).
