@@ -608,3 +608,14 @@ def test_activation_checkpointing_on_the_compiled_blocks_trains_as_without_it_wi
     for step in p_loss:
         assert a_loss[step] == pytest.approx(p_loss[step], rel=1e-2, abs=1e-3), step
     assert torch.cuda.max_memory_allocated() < plain_peak
+
+
+def test_fp16_with_loss_scaling_on_the_compiled_blocks_follows_bf16(data, tmp_path):
+    """precision=fp16 (what auto picks on GPUs without bf16): compiled blocks, no step graphs, the loss scaled;
+    its losses follow the bf16 run's."""
+    extra = NO_DROPOUT + ["compile.enabled=true", "checkpoint.enabled=false", "compile.scope=blocks"]
+    fp16, h_loss, _ = train(data, tmp_path / "h", extra + ["precision=fp16"])
+    _, b_loss, _ = train(data, tmp_path / "b", extra + ["precision=bf16", "compile.cuda_graphs=none"])
+    assert fp16.scaler is not None and fp16.step_graphs is None
+    for step in b_loss:
+        assert h_loss[step] == pytest.approx(b_loss[step], rel=2e-2, abs=2e-3), step

@@ -255,3 +255,34 @@ def test_activation_checkpointing_trains_as_without_it_and_keeps_fewer_activatio
     # The recompute draws the forward's dropout masks again (the RNG state restored): the same training.
     for name in plain:
         torch.testing.assert_close(ac[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_fp16_with_loss_scaling_learns_the_task(tmp_path, synthetic_dir):
+    run_dir = tmp_path / "run"
+    results = run(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+        "precision=fp16", "step_scheduler.num_epochs=5"]))
+    assert results["final"]["accuracy"] >= 0.9
+    state = json.loads((run_dir / "checkpoints" / f"step_{results['steps']:08d}" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] > 0
+
+
+def test_fp16_skips_a_step_whose_gradients_overflow_and_resumes_its_loss_scale(tmp_path, synthetic_dir):
+    run_dir = tmp_path / "run"
+    cfg = synthetic_overrides(synthetic_dir, run_dir) + ["precision=fp16", "lr_scheduler=constant",
+                                                         "step_scheduler.max_steps=2"]
+    trainer = build_trainer(compose_cfg(cfg), run_dir)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    # A scale of 2^100 overflows the fp16 gradients: both steps are skipped, the scale halving each time.
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100, growth_interval=3)
+    trainer.fit()
+    assert trainer.scaler.get_scale() == 2.0 ** 98
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # The resumed run takes the checkpoint's scaler state, not a fresh one (2^16, growth every 2000 steps).
+    resumed = build_trainer(compose_cfg(cfg[:-1] + ["step_scheduler.max_steps=4"]), run_dir)
+    assert resumed.step == 2 and resumed.scaler.state_dict() == trainer.scaler.state_dict()
+    # At a usable scale the steps are taken.
+    fresh = build_trainer(compose_cfg(cfg[:-1] + [f"run_dir={tmp_path / 'fresh'}", "step_scheduler.max_steps=1"]),
+                          tmp_path / "fresh")
+    fresh.fit()
+    assert any(not torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())

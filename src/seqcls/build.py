@@ -68,9 +68,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """The autocast dtype of ``precision`` (None: fp32). auto: bf16 on CUDA GPUs that run it natively
+    (compute capability >= 8.0), fp16 with loss scaling on older ones (T4, V100), fp32 on CPU."""
+    if precision == "auto" and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def _call_reader(reader, split: str, dcfg: DictConfig):
@@ -278,6 +280,8 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
         why = "FSDP2 and several processes run their collectives outside graphs"
     elif cfg.optimizer._target_ not in ADAM_TARGETS:
         why = f"{cfg.optimizer._target_} has no capturable fused update"
+    elif autocast_dtype(cfg.precision, device) == torch.float16:
+        why = "fp16's loss scaling decides on the host whether a step is taken"
     elif cfg.distributed.activation_checkpointing:
         why = "the step graphs are not built for activation checkpointing's recompute in the backward"
     elif attn_implementation == "eager":
@@ -414,6 +418,10 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     else:
         model.to(device)
     amp_dtype = autocast_dtype(cfg.precision, device)
+    if amp_dtype == torch.float16 and cfg.distributed.strategy == "fsdp2":
+        raise ConfigError(f"fp16 (precision={cfg.precision} on this {device.type}) is not built for distributed=fsdp2, "
+                          f"whose gradients would need a sharded loss scaler; use distributed=none, or bf16 on a GPU "
+                          f"that has it")
     compiled = use_compile(cfg, device)
     if device.type == "cpu" and not compiled:  # compiled code draws its own dropout masks
         from seqcls.models import rand_dropout

@@ -498,14 +498,16 @@ class TrainConfig:
     run_dir: Optional[str] = None
     """Where the run writes; null: Hydra's output dir."""
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
+    """auto (bf16 autocast on CUDA GPUs that have it, fp16 on older ones, fp32 on CPU), bf16, fp16 (autocast
+    with dynamic loss scaling: a step whose gradients overflow is skipped and the scale halved) or fp32."""
     device: str = "auto"
     """auto, cpu or cuda."""
     allowed_target_prefixes: list[str] = field(default_factory=list)
     """Extra module prefixes that `_target_` values may name, beyond the built-in allowlist."""
 
     def __post_init__(self) -> None:
-        _check(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        _check(self.precision in ("auto", "bf16", "fp16", "fp32"),
+               f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dataset.num_labels == 1:
             _check(self.loss.class_weights is None and self.loss.label_smoothing == 0.0,

@@ -107,7 +107,7 @@ def total_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def clip_and_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-                    max_grad_norm: Optional[float]) -> torch.Tensor:
+                    max_grad_norm: Optional[float], scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
     """Clip the global gradient norm to ``max_grad_norm`` (None: no clipping), then step the optimizer.
     Returns the norm before clipping, as a device tensor.
 
@@ -118,6 +118,13 @@ def clip_and_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Ten
     of ``clip_grad_norm_`` followed by ``step()``, and fused AdamW leaves the gradients clipped, as
     ``clip_grad_norm_`` leaves them (MasterWeightAdamW leaves its bf16 gradients as they were).
     """
+    if scaler is not None:  # fp16: unscale, clip, then step unless a gradient overflowed (the scale then halves)
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_grad_norm is None else max_grad_norm,
+                                              foreach=True)
+        scaler.step(optimizer)
+        scaler.update()
+        return norm
     grads = [p.grad for p in params if p.grad is not None]
     if max_grad_norm is None or not grads:  # no gradients (a step graph's warm-up): nothing moves
         optimizer.step()
@@ -204,6 +211,8 @@ class Trainer:
         self.steps_per_epoch, self.total_steps, self.num_epochs = steps_per_epoch, total_steps, num_epochs
         self.log_every_steps, self.val_every_steps, self.ckpt_every_steps = log_every_steps, val_every_steps, ckpt_every_steps
         self.max_grad_norm, self.autocast_dtype = max_grad_norm, autocast_dtype
+        # fp16: the loss is scaled before the backward so that small gradients do not flush to zero.
+        self.scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
         self.best_metric, self.checkpointer = best_metric, checkpointer
         self.early_stopping_patience, self.early_stopping_threshold = early_stopping_patience, early_stopping_threshold
         self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32,
@@ -237,7 +246,8 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "batches_into_epoch": self.batches_into_epoch,
                 "best": dict(self.best), "window_loss": float(all_reduce_sum(self.window_loss, self.dist)),
                 "window_examples": self.window_examples,
-                "validations_without_improvement": self.validations_without_improvement}
+                "validations_without_improvement": self.validations_without_improvement,
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
@@ -251,6 +261,8 @@ class Trainer:
         # The summed loss of all ranks goes to rank 0; the train row sums it over ranks again.
         self.window_loss.fill_(state["window_loss"] if self.dist.is_writer else 0.0)
         self.window_examples = int(state["window_examples"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -294,11 +306,12 @@ class Trainer:
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch
                 self.model.set_requires_gradient_sync(sync)
             loss_sum = self._forward_loss(self._to_device(batch))
-            (loss_sum / denom).backward()
+            loss = loss_sum / denom
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             loss_total += loss_sum.detach()
         if not hasattr(self, "_trainable"):
             self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = clip_and_update(self.optimizer, self._trainable, self.max_grad_norm)
+        grad_norm = clip_and_update(self.optimizer, self._trainable, self.max_grad_norm, self.scaler)
         self.scheduler.step()
         # Flush the gradients as soon as we can: frees memory before the next forward.
         self.optimizer.zero_grad(set_to_none=True)
