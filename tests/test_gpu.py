@@ -619,3 +619,21 @@ def test_fp16_with_loss_scaling_on_the_compiled_blocks_follows_bf16(data, tmp_pa
     assert fp16.scaler is not None and fp16.step_graphs is None
     for step in b_loss:
         assert h_loss[step] == pytest.approx(b_loss[step], rel=2e-2, abs=2e-3), step
+
+
+def test_multi_label_under_step_graphs_and_packing_trains_like_eager(tmp_path):
+    """dataset.task=multi_label on the default GPU path (packed rows, compiled blocks, step graphs): its float
+    label rows go through the graphs' static inputs; the losses follow eager training's."""
+    from tests.test_multi_label import overrides as ml_overrides, write_multi_label
+    data = write_multi_label(tmp_path / "data", n_train=128, n_val=16)
+    extra = NO_DROPOUT + ["device=cuda", "step_scheduler.max_steps=8", "step_scheduler.log_every_steps=1",
+                          "checkpoint.enabled=false", "compile.tuned_gemm_cache=none"]
+    losses = {}
+    for name, fast in (("graphs", ["compile.enabled=true"]), ("eager", ["compile.enabled=false"])):
+        run_dir = tmp_path / name
+        trainer = build_trainer(compose_cfg(ml_overrides(data, run_dir) + extra + fast), run_dir)
+        trainer.fit()
+        assert (trainer.step_graphs is not None) == (name == "graphs")
+        losses[name] = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()
+                        if json.loads(l)["split"] == "train"]
+    assert losses["graphs"] == pytest.approx(losses["eager"], rel=2e-2, abs=2e-3)

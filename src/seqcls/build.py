@@ -87,8 +87,7 @@ def _call_reader(reader, split: str, dcfg: DictConfig):
 
 def build_datasets(dcfg: DictConfig, tokenizer, *, with_test: bool = False) -> dict[str, Any]:
     reader = get_method(dcfg._target_)
-    common = dict(text_fields=list(dcfg.text_fields), label_field=dcfg.label_field, num_labels=dcfg.num_labels,
-                  labels=list(dcfg.labels) if dcfg.labels else None, max_length=dcfg.max_length)
+    common = label_options(dcfg)
     splits = {"train": dcfg.train_split, **{s: s for s in dcfg.validation_splits}}
     if with_test and dcfg.test_split:
         splits["test"] = dcfg.test_split
@@ -114,9 +113,14 @@ def build_split(dcfg: DictConfig, tokenizer, split: str) -> Any:
                           f"name the split, or set dataset.test_split")
     return data_lib.prepare_split(
         _call_reader(reader, source, dcfg), tokenizer, where=f"dataset split {source!r}", require_labels=False,
-        text_fields=list(dcfg.text_fields), label_field=dcfg.label_field, num_labels=dcfg.num_labels,
-        labels=list(dcfg.labels) if dcfg.labels else None, max_length=dcfg.max_length,
-        limit=dcfg.limit_train_samples if source == dcfg.train_split else None)
+        limit=dcfg.limit_train_samples if source == dcfg.train_split else None, **label_options(dcfg))
+
+
+def label_options(dcfg: DictConfig) -> dict[str, Any]:
+    """prepare_split's settings from the dataset config."""
+    return dict(text_fields=list(dcfg.text_fields), label_field=dcfg.label_field, num_labels=dcfg.num_labels,
+                labels=list(dcfg.labels) if dcfg.labels else None, max_length=dcfg.max_length,
+                multi_label=dcfg.task == "multi_label", label_separator=dcfg.get("label_separator", ","))
 
 
 def build_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
@@ -127,6 +131,8 @@ def build_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
                           f"leave model.num_labels at its default ${{dataset.num_labels}}")
     kwargs = dict(num_labels=mcfg.num_labels, labels=list(cfg.dataset.labels) if cfg.dataset.labels else None,
                   trust_remote_code=mcfg.trust_remote_code, attn_implementation=mcfg.attn_implementation)
+    if cfg.dataset.task == "multi_label":
+        kwargs["multi_label"] = True
     if mcfg._target_ == "seqcls.models.from_config":
         kwargs.update(model_type=mcfg.model_type, tokenizer=tokenizer,
                       config_overrides=OmegaConf.to_container(mcfg.config_overrides))
@@ -552,7 +558,8 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     weights = None
     if cfg.dataset.num_labels > 1:
         from seqcls.trainer import class_weights
-        weights = class_weights(cfg.loss.class_weights, splits["train"]["labels"], cfg.dataset.num_labels)
+        weights = class_weights(cfg.loss.class_weights, splits["train"]["labels"], cfg.dataset.num_labels,
+                                multi_label=cfg.dataset.task == "multi_label")
         if weights is not None and dist_info.is_writer:
             log.info("class weights in the loss: %s", ", ".join(f"{w:.4g}" for w in weights))
     checkpointer = None
@@ -580,7 +587,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         capture_ahead=cfg.compile.capture_ahead,
         early_stopping_patience=cfg.step_scheduler.early_stopping_patience,
         early_stopping_threshold=cfg.step_scheduler.early_stopping_threshold,
-        class_weights=weights, label_smoothing=cfg.loss.label_smoothing,
+        class_weights=weights, label_smoothing=cfg.loss.label_smoothing, multi_label=cfg.dataset.task == "multi_label",
         loggers=build_loggers(cfg, run_dir=run_dir, is_writer=dist_info.is_writer))
     if checkpointer is not None:
         resume(trainer, checkpointer, cfg.checkpoint.restore_from, run_dir)

@@ -109,7 +109,12 @@ class DatasetConfig:
     _target_: str = "seqcls.data.load_glue"
     task: str = "classification"
     """Metric family: a GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli),
-    'classification' (accuracy, + macro-F1 when num_labels > 2) or 'regression'."""
+    'classification' (accuracy, + macro-F1 when num_labels > 2), 'regression', or 'multi_label' (any
+    number of the num_labels labels an example, each a yes/no: sigmoid outputs, binary cross-entropy;
+    micro-F1, macro-F1 and exact-match accuracy)."""
+    label_separator: str = ","
+    """multi_label: what joins an example's labels in a csv/tsv cell ("sports,politics"; JSON lines and
+    parquet may hold a list instead)."""
     num_labels: int = 2
     labels: Optional[list[str]] = None
     """Label names in class-index order; needed when the data holds string labels."""
@@ -141,6 +146,9 @@ class DatasetConfig:
                f"dataset.text_fields takes one or two column names, got {list(self.text_fields)}")
         _check(self.max_length > 0, f"dataset.max_length must be > 0, got {self.max_length}")
         _check(len(self.validation_splits) >= 1, "dataset.validation_splits needs at least one split name")
+        _check(self.task != "multi_label" or self.num_labels >= 2,
+               f"dataset.task=multi_label needs dataset.num_labels >= 2 (one output a label), got {self.num_labels}")
+        _check(self.task != "multi_label" or len(self.label_separator) > 0, "dataset.label_separator is empty")
 
 
 @dataclass
@@ -280,7 +288,8 @@ class LossConfig:
     class_weights: Any = None
     """Cross-entropy weight of each class: null (all 1), balanced (n / (num_labels x the class's count) over
     the training split, as scikit-learn's class_weight='balanced'), or a list of num_labels weights in label
-    order. The training loss is the weighted sum over examples divided by their number; the validation
+    order. Under dataset.task=multi_label, each label's weight of its positive examples (pos_weight);
+    balanced is then negatives / positives of each label. The training loss is the weighted sum over examples divided by their number; the validation
     loss stays plain cross-entropy (comparable between runs with other weights)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing of the training loss, in [0, 1)."""
@@ -509,6 +518,9 @@ class TrainConfig:
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"),
                f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.dataset.task != "multi_label" or self.loss.label_smoothing == 0.0,
+               "loss.label_smoothing applies to single-label classification; dataset.task=multi_label trains each "
+               "label's yes/no with binary cross-entropy: leave it at 0")
         if self.dataset.num_labels == 1:
             _check(self.loss.class_weights is None and self.loss.label_smoothing == 0.0,
                    "loss.class_weights and loss.label_smoothing apply to classification; a regression "

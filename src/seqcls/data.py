@@ -172,6 +172,34 @@ def load_files(split: str, *, train_file: Optional[str] = None, validation_file:
     return datasets.Dataset.from_dict(read_table(files[split], column_names=column_names))
 
 
+def encode_multi_labels(values: Sequence[Any], *, num_labels: int, labels: Optional[Sequence[str]], where: str,
+                        separator: str = ",") -> list[list[float]]:
+    """Each example's set of labels as a 0/1 row of num_labels floats. A value is a list of label names or
+    indices (JSON lines, parquet), a string of them joined by ``separator`` (csv, tsv; empty: no label),
+    or one index."""
+    index = {name: i for i, name in enumerate(labels)} if labels else {}
+    out = []
+    for i, v in enumerate(values):
+        items = v if isinstance(v, (list, tuple)) else \
+            [t for t in (x.strip() for x in v.split(separator)) if t] if isinstance(v, str) else [v]
+        row = [0.0] * num_labels
+        for item in items:
+            if isinstance(item, str) and item in index:
+                row[index[item]] = 1.0
+                continue
+            if isinstance(item, str) and item.lstrip("-").isdigit():
+                item = int(item)
+            if isinstance(item, float) and item.is_integer():
+                item = int(item)
+            if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < num_labels:
+                known = f"one of dataset.labels={list(labels)} or " if labels else ""
+                raise DataError(f"{where}: row {i} has label {item!r}; a label is {known}an index in "
+                                f"0..{num_labels - 1} (several joined by {separator!r}, or a list)")
+            row[item] = 1.0
+        out.append(row)
+    return out
+
+
 def encode_labels(values: Sequence[Any], *, num_labels: int, labels: Optional[Sequence[str]],
                   where: str) -> list:
     """Labels as class indices (or floats for regression), checked against num_labels."""
@@ -215,10 +243,12 @@ def _is_float(v: Any) -> bool:
 
 def prepare_split(ds: datasets.Dataset, tokenizer, *, text_fields: Sequence[str], label_field: str,
                   num_labels: int, labels: Optional[Sequence[str]], max_length: int, where: str,
-                  require_labels: bool = True, limit: Optional[int] = None) -> datasets.Dataset:
+                  require_labels: bool = True, limit: Optional[int] = None, multi_label: bool = False,
+                  label_separator: str = ",") -> datasets.Dataset:
     """Check columns and labels, tokenise (pairs as pairs, truncated at max_length, no padding).
 
-    Returns a dataset with input_ids, attention_mask (token_type_ids) and, when labeled, labels.
+    Returns a dataset with input_ids, attention_mask (token_type_ids) and, when labeled, labels (for
+    ``multi_label``, a 0/1 row of num_labels floats an example: encode_multi_labels).
     """
     if len(ds) == 0:
         raise DataError(f"{where}: the split is empty; check the file or split name")
@@ -236,17 +266,22 @@ def prepare_split(ds: datasets.Dataset, tokenizer, *, text_fields: Sequence[str]
     enc = tokenizer(*[columns[c] for c in text_fields], truncation=True, max_length=max_length)
     out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
     if has_labels:
-        raw = ds[label_field]
-        if not require_labels and any(v in (None, "", -1) for v in raw):
+        raw = list(ds[label_field])
+        # "" is an empty label set in a multi-label split
+        if not require_labels and any(v is None or (isinstance(v, (str, int, float)) and v in ("", -1)[multi_label:])
+                                      for v in raw):
             has_labels = False  # an unlabeled test split (GLUE's hub test sets use -1)
+        elif multi_label:
+            out["labels"] = encode_multi_labels(raw, num_labels=num_labels, labels=labels, where=where,
+                                                separator=label_separator)
         else:
             out["labels"] = encode_labels(raw, num_labels=num_labels, labels=labels, where=where)
     return datasets.Dataset.from_dict(out)
 
 
 def check_train_labels(ds: datasets.Dataset, *, num_labels: int, where: str) -> None:
-    """A classification training split must hold at least two classes."""
-    if num_labels > 1 and len(set(ds["labels"])) < 2:
+    """A classification training split must hold at least two classes (label sets, for multi-label)."""
+    if num_labels > 1 and len({tuple(v) if isinstance(v, list) else v for v in ds["labels"]}) < 2:
         raise DataError(f"{where}: every example has the same label; a classifier needs at least two classes")
 
 

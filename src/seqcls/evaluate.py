@@ -71,7 +71,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "validation", check
     num_labels = cfg.dataset.num_labels
     metrics = compute_metrics(cfg.dataset.task, num_labels, logits, labels.numpy())
     # The loss the trainer reports on validation: mean cross-entropy (MSE for regression), plain.
-    loss = loss_sum(torch.from_numpy(logits), labels, num_labels) / max(1, len(labels))
+    loss = loss_sum(torch.from_numpy(logits), labels, num_labels,
+                    multi_label=cfg.dataset.task == "multi_label") / max(1, len(labels))
     result = {"split": split, "checkpoint": str(ckpt), "step": checkpoint_step(ckpt), **metrics,
               "loss": float(loss), "num_examples": len(ds)}
     write_json_atomic(run_dir / f"eval_{split}.json", result)

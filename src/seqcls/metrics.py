@@ -13,6 +13,8 @@ def main_metric(task: str, num_labels: int) -> str:
     """The metric that picks the best checkpoint by default (higher is better)."""
     if num_labels == 1 or task in ("stsb", "regression"):
         return "pearson"
+    if task == "multi_label":
+        return "micro_f1"
     if task == "cola":
         return "mcc"
     if task in _F1_TASKS:
@@ -25,6 +27,8 @@ def metric_names(task: str, num_labels: int) -> list[str]:
     ``checkpoint.best_metric`` may name."""
     if num_labels == 1 or task in ("stsb", "regression"):
         names = ["pearson", "spearmanr"]
+    elif task == "multi_label":
+        names = ["accuracy", "micro_f1", "macro_f1"]
     else:
         names = ["accuracy"] + ["f1"] * (task in _F1_TASKS) + ["mcc"] * (task == "cola") + ["macro_f1"] * (num_labels > 2)
     return names + ["loss"]
@@ -36,13 +40,20 @@ def greater_is_better(name: str) -> bool:
 
 
 def compute_metrics(task: str, num_labels: int, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Metrics of one split from the model's logits ([N, num_labels]) and the true labels ([N])."""
+    """Metrics of one split from the model's logits ([N, num_labels]) and the true labels ([N]; for
+    multi_label [N, num_labels] of 0/1, the accuracy then being the share of examples whose every label is
+    right)."""
     if num_labels == 1 or task in ("stsb", "regression"):
         preds = logits.reshape(-1).astype(np.float64)
         labels = labels.astype(np.float64)
         if len(preds) < 2 or np.std(preds) == 0 or np.std(labels) == 0:
             return {"pearson": 0.0, "spearmanr": 0.0}
         return {"pearson": float(pearsonr(preds, labels)[0]), "spearmanr": float(spearmanr(preds, labels)[0])}
+    if task == "multi_label":  # labels [N, num_labels] of 0/1; a label is predicted where its logit > 0
+        preds, labels = (logits > 0).astype(np.int64), labels.astype(np.int64)
+        return {"accuracy": float(np.mean(np.all(preds == labels, axis=1))) if len(labels) else 0.0,
+                "micro_f1": float(f1_score(labels, preds, average="micro", zero_division=0)),
+                "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0))}
     preds = logits.argmax(-1)
     out = {"accuracy": float(accuracy_score(labels, preds))}
     if task in _F1_TASKS:

@@ -22,11 +22,13 @@ OFFLINE_HINT = ("offline, use a local directory (model.pretrained_model_name_or_
                 "or model=minilm_l6, whose weights install with the package")
 
 
-def _label_kwargs(num_labels: int, labels: Optional[list[str]]) -> dict[str, Any]:
+def _label_kwargs(num_labels: int, labels: Optional[list[str]], multi_label: bool = False) -> dict[str, Any]:
     kw: dict[str, Any] = {"num_labels": num_labels}
     if num_labels == 1:
         kw["problem_type"] = "regression"
-    elif labels:
+    if multi_label:  # saved in config.json: HF's pipelines then apply a sigmoid, not a softmax
+        kw["problem_type"] = "multi_label_classification"
+    if num_labels > 1 and labels:
         kw["id2label"] = dict(enumerate(labels))
         kw["label2id"] = {name: i for i, name in enumerate(labels)}
     return kw
@@ -59,7 +61,7 @@ def _is_local(name_or_path: str) -> bool:
 
 def from_pretrained(pretrained_model_name_or_path: str, *, num_labels: int, labels: Optional[list[str]] = None,
                     trust_remote_code: bool = False, attn_implementation: Optional[str] = None,
-                    **_: Any) -> PreTrainedModel:
+                    multi_label: bool = False, **_: Any) -> PreTrainedModel:
     """A pretrained encoder with a freshly initialised classification head."""
     if pretrained_model_name_or_path is None:
         raise ConfigError("model.pretrained_model_name_or_path is not set; pass a hub id or a local directory")
@@ -72,7 +74,7 @@ def from_pretrained(pretrained_model_name_or_path: str, *, num_labels: int, labe
         with _attn_errors(attn_implementation):
             return AutoModelForSequenceClassification.from_pretrained(
                 pretrained_model_name_or_path, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True,
-                **_attn_kwargs(attn_implementation), **_label_kwargs(num_labels, labels))
+                **_attn_kwargs(attn_implementation), **_label_kwargs(num_labels, labels, multi_label))
     except OSError as e:
         if _is_local(pretrained_model_name_or_path):
             raise ConfigError(f"{pretrained_model_name_or_path} is not a loadable Hugging Face model directory "
@@ -83,13 +85,13 @@ def from_pretrained(pretrained_model_name_or_path: str, *, num_labels: int, labe
 
 def from_config(model_type: str, *, num_labels: int, labels: Optional[list[str]] = None,
                 config_overrides: Optional[dict] = None, tokenizer: Optional[PreTrainedTokenizerBase] = None,
-                attn_implementation: Optional[str] = None, **_: Any) -> PreTrainedModel:
+                attn_implementation: Optional[str] = None, multi_label: bool = False, **_: Any) -> PreTrainedModel:
     """A randomly initialised model of ``model_type`` (tiny models for tests), sized by config_overrides."""
     overrides = dict(config_overrides or {})
     if tokenizer is not None:
         overrides.setdefault("vocab_size", len(tokenizer))
         overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
-    config = AutoConfig.for_model(model_type, **overrides, **_label_kwargs(num_labels, labels))
+    config = AutoConfig.for_model(model_type, **overrides, **_label_kwargs(num_labels, labels, multi_label))
     with _attn_errors(attn_implementation):
         return AutoModelForSequenceClassification.from_config(config, **_attn_kwargs(attn_implementation))
 

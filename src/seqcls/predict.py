@@ -13,7 +13,9 @@ usage: python -m seqcls.predict run_dir=DIR input=FILE [output=FILE] [text_field
   dataset.*    change the run's dataset config (dataset.max_length: where texts are truncated)
 
 One output row per input row, in input order: ``label`` (the class name, from the saved config's
-id2label) and ``prob_<label>`` for every class; a regression run (num_labels=1) writes ``score``.
+id2label) and ``prob_<label>`` for every class; a regression run (num_labels=1) writes ``score``; a
+multi-label run writes ``labels`` (the labels whose probability, a sigmoid, is above 0.5: a list in JSON
+lines, joined by the run's dataset.label_separator in csv/tsv) and ``prob_<label>`` for every label.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Predictor:
     text_fields: list[str]
     max_length: int
     device: torch.device
+    label_separator: str = ","
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, checkpoint: str = "best", overrides: Sequence[str] = (),
@@ -88,12 +91,17 @@ class Predictor:
         dev = resolve_device(device)
         model, tokenizer = load_classifier(ckpt / "model", dev)
         log.info("predicting with %s", ckpt)
-        return cls(model, tokenizer, label_names(model), list(cfg.dataset.text_fields), cfg.dataset.max_length, dev)
+        return cls(model, tokenizer, label_names(model), list(cfg.dataset.text_fields), cfg.dataset.max_length, dev,
+                   cfg.dataset.get("label_separator", ","))
+
+    @property
+    def multi_label(self) -> bool:
+        return self.model.config.problem_type == "multi_label_classification"
 
     def fieldnames(self) -> list[str]:
         if self.model.config.num_labels == 1:
             return ["score"]
-        return ["label", *(f"prob_{name}" for name in self.labels)]
+        return ["labels" if self.multi_label else "label", *(f"prob_{name}" for name in self.labels)]
 
     def check_fields(self, fields: Sequence[str], what: str) -> None:
         if len(fields) != len(self.text_fields):
@@ -107,8 +115,12 @@ class Predictor:
                                             pad_token_id=self.tokenizer.pad_token_id, device=self.device))
         if self.model.config.num_labels == 1:
             return [{"score": float(v)} for v in logits[:, 0]]
-        probs = torch.softmax(logits, dim=-1)
         names = self.fieldnames()[1:]
+        if self.multi_label:
+            probs = torch.sigmoid(logits)
+            return [{"labels": [self.labels[i] for i in range(len(p)) if p[i] > 0.5], **dict(zip(names, map(float, p)))}
+                    for p in probs]
+        probs = torch.softmax(logits, dim=-1)
         return [{"label": self.labels[int(p.argmax())], **dict(zip(names, map(float, p)))} for p in probs]
 
 
@@ -119,8 +131,8 @@ class PredictionWriter:
     that looks finished.
     """
 
-    def __init__(self, path: Optional[str | os.PathLike], fieldnames: list[str]):
-        self.path = Path(path) if path else None
+    def __init__(self, path: Optional[str | os.PathLike], fieldnames: list[str], separator: str = ","):
+        self.path, self.separator = (Path(path) if path else None), separator  # separator: joins a list in csv/tsv
         self.suffix = self.path.suffix.lower() if self.path else ".jsonl"
         if self.suffix not in OUTPUT_TYPES:
             raise ConfigError(f"output={path}: unknown file type {self.suffix!r}; use {', '.join(OUTPUT_TYPES)}")
@@ -137,7 +149,8 @@ class PredictionWriter:
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         if self.csv is not None:
-            self.csv.writerows(rows)
+            self.csv.writerows({k: self.separator.join(v) if isinstance(v, list) else v for k, v in r.items()}
+                               for r in rows)
         else:
             self.f.writelines(json.dumps(r) + "\n" for r in rows)
         self.f.flush()
@@ -157,7 +170,7 @@ def predict_file(predictor: Predictor, input: str | os.PathLike, output: Optiona
     """Predict every row of ``input`` into ``output``, ``chunk_size`` rows at a time; returns the row count."""
     fields = list(text_fields or predictor.text_fields)
     predictor.check_fields(fields, f"text_fields={fields}")
-    writer = PredictionWriter(output, predictor.fieldnames())
+    writer = PredictionWriter(output, predictor.fieldnames(), predictor.label_separator)
     done, complete = 0, False
     try:
         for chunk in iter_records(input, chunk_size=chunk_size):
@@ -192,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              batch_size=args.batch_size, chunk_size=args.chunk_size)
             log.info("wrote %d predictions to %s", n, args.output or "stdout")
         else:
-            writer = PredictionWriter(args.output, predictor.fieldnames())
+            writer = PredictionWriter(args.output, predictor.fieldnames(), predictor.label_separator)
             writer.write([predict_text(predictor, args.text, args.text_pair)])
             writer.close(complete=True)
 

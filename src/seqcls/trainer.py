@@ -75,21 +75,33 @@ class StopSignal:
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, num_labels: int, *, weight: Optional[torch.Tensor] = None,
-             label_smoothing: float = 0.0) -> torch.Tensor:
-    """Summed loss of a batch: cross-entropy (with class ``weight`` and ``label_smoothing``), or for a regression
-    (num_labels=1) squared error. Validation reports it plain (no weights, no smoothing)."""
+             label_smoothing: float = 0.0, multi_label: bool = False) -> torch.Tensor:
+    """Summed loss of a batch: cross-entropy (with class ``weight`` and ``label_smoothing``), for a regression
+    (num_labels=1) squared error, for ``multi_label`` each example's binary cross-entropy averaged over its
+    labels (``weight``: each label's positive-example weight). Validation reports it plain (no weights, no
+    smoothing)."""
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=weight,
+                                                  reduction="none").mean(-1).sum()
     if num_labels == 1:
         return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
     return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=label_smoothing, reduction="sum")
 
 
-def class_weights(spec: Any, labels: Sequence[int], num_labels: int) -> Optional[list[float]]:
+def class_weights(spec: Any, labels: Sequence[Any], num_labels: int, multi_label: bool = False) -> Optional[list[float]]:
     """loss.class_weights as a list of num_labels weights (None for null). ``balanced``: n / (num_labels x
-    count) for each class over ``labels`` (the training split's), as scikit-learn's class_weight='balanced'."""
+    count) for each class over ``labels`` (the training split's), as scikit-learn's class_weight='balanced';
+    ``multi_label`` (labels: 0/1 rows), negatives / positives of each label."""
     if spec is None:
         return None
     if spec != "balanced":
         return [float(w) for w in spec]
+    if multi_label:
+        positives = np.asarray(labels, dtype=np.float64).sum(0)
+        if (positives == 0).any():
+            raise ConfigError(f"loss.class_weights=balanced: label {int(np.argmin(positives))} has no positive "
+                              f"training example; give the weights as a list")
+        return ((len(labels) - positives) / positives).tolist()
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
     if (counts == 0).any():
         raise ConfigError(f"loss.class_weights=balanced: class {int(np.argmin(counts))} has no training example; "
@@ -202,7 +214,7 @@ class Trainer:
                  best_metric: str, checkpointer=None, loggers: Sequence[Any] = (), cuda_graphs: bool = False,
                  capture_ahead: bool = False, early_stopping_patience: Optional[int] = None,
                  early_stopping_threshold: float = 0.0, class_weights: Optional[Sequence[float]] = None,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, multi_label: bool = False):
         self.model, self.train_loader, self.val_loaders = model, train_loader, val_loaders
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.dist = device, dist_info
@@ -217,7 +229,7 @@ class Trainer:
         self.early_stopping_patience, self.early_stopping_threshold = early_stopping_patience, early_stopping_threshold
         self.class_weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32,
                                                                               device=device)
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.multi_label = label_smoothing, multi_label
         if dist_info.is_writer:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl", dist_info.is_writer, loggers)
@@ -276,7 +288,7 @@ class Trainer:
     def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training objective: loss_sum with the run's class weights and label smoothing."""
         return loss_sum(logits, labels, self.num_labels, weight=self.class_weights,
-                        label_smoothing=self.label_smoothing)
+                        label_smoothing=self.label_smoothing, multi_label=self.multi_label)
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed loss of a micro-batch already on the device (labels included)."""
@@ -340,11 +352,12 @@ class Trainer:
             labels = batch.pop("labels")
             with self._autocast():
                 logits = self.model(**batch).logits
-            loss_total += loss_sum(logits, labels, self.num_labels)  # plain: comparable across loss settings
+            loss_total += loss_sum(logits, labels, self.num_labels, multi_label=self.multi_label)  # plain: comparable
             logits_parts.append(logits.float())
             label_parts.append(labels)
         logits = torch.cat(logits_parts).cpu().numpy() if logits_parts else np.zeros((0, self.num_labels), np.float32)
-        labels = torch.cat(label_parts).cpu().numpy() if label_parts else np.zeros((0,))
+        labels = torch.cat(label_parts).cpu().numpy() if label_parts else \
+            np.zeros((0, self.num_labels) if self.multi_label else (0,))
         gathered = all_gather_objects((logits, labels, float(loss_total)), self.dist)
         logits = np.concatenate([g[0] for g in gathered])
         labels = np.concatenate([g[1] for g in gathered])
