@@ -169,6 +169,18 @@ def test_step_graphs_are_left_out_for_hf_eager_attention_only(tmp_path, syntheti
     assert use_step_graphs(cfg, torch.device("cuda"), DistInfo(), model.config._attn_implementation) == graphs
 
 
+@pytest.mark.parametrize("extra,why", [(["precision=fp16"], "fp16's loss scaling"),
+                                       (["distributed.activation_checkpointing=true"], "activation checkpointing")])
+def test_step_graphs_are_left_out_under_fp16_and_activation_checkpointing(tmp_path, synthetic_dir, caplog, extra, why):
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + extra)
+    amp = torch.float16 if "precision=fp16" in extra else torch.bfloat16
+    with caplog.at_level("INFO", logger="seqcls"):
+        assert not use_step_graphs(cfg, torch.device("cuda"), DistInfo(), "sdpa", amp)
+    assert why in caplog.text
+    assert use_step_graphs(compose_cfg(synthetic_overrides(synthetic_dir, tmp_path)), torch.device("cuda"), DistInfo(),
+                           "sdpa", torch.bfloat16)
+
+
 @pytest.mark.parametrize("combo", [True, False])
 def test_inductor_options_reach_torch_compile_on_top_of_the_mode_and_combo_kernels(tmp_path, synthetic_dir,
                                                                                    monkeypatch, combo):

@@ -275,7 +275,7 @@ def use_packing(cfg: DictConfig, device: torch.device, amp_dtype: Optional[torch
 
 
 def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
-                    attn_implementation: Optional[str]) -> bool:
+                    attn_implementation: Optional[str], amp_dtype: Optional[torch.dtype] = None) -> bool:
     """compile.cuda_graphs=step applies to one CUDA process training with AdamW or Adam, and a model
     whose attention kernel (``model.config._attn_implementation``: HF picks eager itself for models
     without sdpa) can be captured."""
@@ -286,7 +286,7 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
         why = "FSDP2 and several processes run their collectives outside graphs"
     elif cfg.optimizer._target_ not in ADAM_TARGETS:
         why = f"{cfg.optimizer._target_} has no capturable fused update"
-    elif autocast_dtype(cfg.precision, device) == torch.float16:
+    elif amp_dtype == torch.float16:
         why = "fp16's loss scaling decides on the host whether a step is taken"
     elif cfg.distributed.activation_checkpointing:
         why = "the step graphs are not built for activation checkpointing's recompute in the backward"
@@ -473,7 +473,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         # step takes 20 ms fused against 156 ms in the default loop (docs/benchmarks.md).
         opt_kwargs["fused"] = True
     graphs = compiled and use_step_graphs(cfg, device, dist_info,
-                                          getattr(model.config, "_attn_implementation", None))
+                                          getattr(model.config, "_attn_implementation", None), amp_dtype)
     if graphs:  # the update inside a CUDA graph: step counts and the learning rate live on the device
         opt_kwargs.update(capturable=True, lr=torch.tensor(float(cfg.optimizer.lr), device=device))
     from seqcls import gemm

@@ -352,7 +352,8 @@ class Trainer:
             labels = batch.pop("labels")
             with self._autocast():
                 logits = self.model(**batch).logits
-            loss_total += loss_sum(logits, labels, self.num_labels, multi_label=self.multi_label)  # plain: comparable
+            # plain (no class weights, no smoothing): comparable between runs with other loss settings
+            loss_total += loss_sum(logits, labels, self.num_labels, multi_label=self.multi_label)
             logits_parts.append(logits.float())
             label_parts.append(labels)
         logits = torch.cat(logits_parts).cpu().numpy() if logits_parts else np.zeros((0, self.num_labels), np.float32)
