@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from seqcls.metrics import compute_metrics, main_metric, metric_names
+from seqcls.metrics import compute_metrics, main_metric, metric_names, per_class_report
 
 
 def onehot_logits(preds, k=2):
@@ -52,3 +52,17 @@ def test_metric_names_are_what_validation_reports(task, num_labels):
     labels = np.array([0, 1, 0, 1, 0, 1]) if num_labels > 1 else np.linspace(0, 5, 6)
     assert metric_names(task, num_labels) == [*compute_metrics(task, num_labels, logits, labels), "loss"]
     assert main_metric(task, num_labels) in metric_names(task, num_labels)
+
+
+def test_per_class_report_and_confusion_matrix():
+    # true 0 0 1 2 2, predicted 0 1 1 2 0: class 0 P 1/2 R 1/2; class 1 P 1/2 R 1; class 2 P 1 R 1/2
+    r = per_class_report("mnli", 3, onehot_logits([0, 1, 1, 2, 0], 3), np.array([0, 0, 1, 2, 2]), ["a", "b", "c"])
+    assert r["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert r["per_class"]["a"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert r["per_class"]["b"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+    assert r["per_class"]["c"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    # multi-label: each label on its own, no confusion matrix
+    m = per_class_report("multi_label", 2, np.array([[1.0, -1.0], [1.0, 1.0]]), np.array([[1, 1], [0, 1]]), ["x", "y"])
+    assert m == {"per_class": {"x": pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1}),
+                               "y": pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})}}
+    assert per_class_report("stsb", 1, np.zeros((2, 1)), np.zeros(2), ["score"]) == {}

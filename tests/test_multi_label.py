@@ -100,6 +100,8 @@ def test_a_multi_label_run_learns_and_evaluate_predict_and_a_pipeline_agree(trai
     final = results["final"]
     for key in ("accuracy", "micro_f1", "macro_f1", "loss"):
         assert ev[key] == pytest.approx(final[key], abs=1e-6), key
+    assert list(ev["per_class"]) == LABELS and "confusion_matrix" not in ev
+    assert np.mean([ev["per_class"][name]["f1"] for name in LABELS]) == pytest.approx(ev["macro_f1"], abs=1e-9)
     # seqcls.predict: a label set a row; in csv joined by the separator, in JSON lines a list
     predictor = Predictor.from_run(run_dir, checkpoint="latest", device="cpu")
     assert predictor.fieldnames() == ["labels", *(f"prob_{name}" for name in LABELS)]
@@ -137,3 +139,16 @@ def test_multi_label_mistakes_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="label_smoothing applies to single-label"):
         OmegaConf.to_object(compose_cfg(["dataset=files", "dataset.task=multi_label", "loss.label_smoothing=0.1",
                                          "dataset.train_file=a", "dataset.validation_file=b"]))
+
+
+def test_predict_threshold_picks_the_labels_above_it(trained, capsys):
+    from seqcls import predict
+    _, run_dir, _ = trained
+    args = [f"run_dir={run_dir}", "text=a quick phone it was lovely", "checkpoint=latest", "device=cpu"]
+    predict.main(args)
+    row = json.loads(capsys.readouterr().out)
+    probs = sorted(row[f"prob_{name}"] for name in LABELS)
+    threshold = (probs[0] + probs[1]) / 2  # between the two least likely labels: two labels above it
+    predict.main(args + [f"threshold={threshold}"])
+    above = json.loads(capsys.readouterr().out)["labels"]
+    assert above == [name for name in LABELS if row[f"prob_{name}"] > threshold] and len(above) == 2

@@ -124,6 +124,10 @@ def test_evaluate_best_checkpoint_reproduces_its_validation_metrics_and_runs_any
     assert val["step"] == results["best"]["step"]
     assert val["accuracy"] == results["best"]["metrics"]["accuracy"]
     assert val["loss"] == pytest.approx(results["best"]["metrics"]["loss"], rel=1e-5)
+    matrix = val["confusion_matrix"]  # rows: true class; its diagonal is what accuracy counts
+    assert sum(map(sum, matrix)) == val["num_examples"]
+    assert sum(matrix[i][i] for i in range(2)) / val["num_examples"] == pytest.approx(val["accuracy"])
+    assert [val["per_class"][name]["support"] for name in LABELS] == [sum(row) for row in matrix]
     test = evaluate_run(full_run, split="test", checkpoint="latest", device="cpu")
     assert test["num_examples"] == 64 and test["step"] == results["steps"]
     assert json.loads((full_run / "eval_test.json").read_text()) == test
@@ -204,6 +208,13 @@ def test_predict_from_the_command_line_text_prints_a_json_row(full_run, capsys):
     row = json.loads(capsys.readouterr().out)
     assert row["label"] == "positive" and row["prob_positive"] > 0.5
     assert row["prob_negative"] + row["prob_positive"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_predict_threshold_on_a_single_label_run_is_a_one_line_error(full_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([f"run_dir={full_run}", "text=great", "threshold=0.3", "device=cpu"])
+    assert exit_info.value.code == 2
+    assert "threshold= applies to multi-label runs" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- export

@@ -13,7 +13,9 @@ usage: python -m seqcls.evaluate run_dir=DIR [split=validation] [checkpoint=best
                dataset.test_file=other.csv
 
 Writes <run_dir>/eval_<split>.json and prints it: the task's metrics (seqcls.metrics), loss,
-num_examples, the split and the checkpoint.
+num_examples, the split and the checkpoint; for classification also ``per_class`` (precision, recall, F1
+and support of each class or label, by name) and, single-label, ``confusion_matrix`` (rows: true class,
+columns: predicted).
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from omegaconf import MISSING
 from seqcls.build import build_split, resolve_device
 from seqcls.config import ConfigError
 from seqcls.data import DataError
-from seqcls.metrics import compute_metrics
+from seqcls.metrics import compute_metrics, per_class_report
+from seqcls.runs import (checkpoint_step, find_checkpoint, label_names, load_classifier, load_run_config, logits_of,
+                         parse_args, setup_cli, user_errors, write_json_atomic)
 from seqcls.trainer import loss_sum
-from seqcls.runs import (checkpoint_step, find_checkpoint, load_classifier, load_run_config, logits_of, parse_args,
-                         setup_cli, user_errors, write_json_atomic)
 
 log = logging.getLogger("seqcls")
 USAGE = ("usage: python -m seqcls.evaluate run_dir=DIR [split=validation|test|train|NAME] "
@@ -74,7 +76,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "validation", check
     loss = loss_sum(torch.from_numpy(logits), labels, num_labels,
                     multi_label=cfg.dataset.task == "multi_label") / max(1, len(labels))
     result = {"split": split, "checkpoint": str(ckpt), "step": checkpoint_step(ckpt), **metrics,
-              "loss": float(loss), "num_examples": len(ds)}
+              "loss": float(loss), "num_examples": len(ds),
+              **per_class_report(cfg.dataset.task, num_labels, logits, labels.numpy(), label_names(model))}
     write_json_atomic(run_dir / f"eval_{split}.json", result)
     log.info("%s (%d examples, %s): %s", split, len(ds), ckpt.name,
              " ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef, precision_recall_fscore_support
 
 _F1_TASKS = {"mrpc", "qqp"}
 
@@ -63,4 +63,23 @@ def compute_metrics(task: str, num_labels: int, logits: np.ndarray, labels: np.n
     if num_labels > 2:
         out["macro_f1"] = float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)),
                                          zero_division=0))
+    return out
+
+
+def per_class_report(task: str, num_labels: int, logits: np.ndarray, labels: np.ndarray,
+                     names: list[str]) -> dict:
+    """Precision, recall, F1 and support of each class (each label, for multi_label), keyed by name, and for
+    single-label classification the confusion matrix (rows: true class, columns: predicted, in ``names``'
+    order). Empty for a regression."""
+    if num_labels == 1 or task in ("stsb", "regression"):
+        return {}
+    multi = task == "multi_label"
+    preds = (logits > 0).astype(np.int64) if multi else logits.argmax(-1)
+    labels = labels.astype(np.int64)
+    index = None if multi else list(range(num_labels))
+    p, r, f, support = precision_recall_fscore_support(labels, preds, labels=index, average=None, zero_division=0)
+    out = {"per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                "support": int(support[i])} for i, name in enumerate(names)}}
+    if not multi:
+        out["confusion_matrix"] = confusion_matrix(labels, preds, labels=index).tolist()
     return out

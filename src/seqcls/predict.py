@@ -1,7 +1,7 @@
 """Predictions of a trained run for texts from a file or from the command line.
 
 usage: python -m seqcls.predict run_dir=DIR input=FILE [output=FILE] [text_fields=[a,b]] [checkpoint=best]
-                                [batch_size=64] [chunk_size=4096] [device=auto] [dataset.KEY=VALUE ...]
+                                [threshold=0.5] [batch_size=64] [chunk_size=4096] [device=auto] [dataset.KEY=VALUE ...]
        python -m seqcls.predict run_dir=DIR text="..." [text_pair="..."] [output=FILE] ...
 
   input        a .csv, .tsv or .jsonl file with a header (csv/tsv) or one JSON object a line; read
@@ -10,11 +10,12 @@ usage: python -m seqcls.predict run_dir=DIR input=FILE [output=FILE] [text_field
   output       .csv, .tsv or .jsonl, written as the input is read (under <output>.partial, renamed
                when complete); default: JSON lines on stdout
   checkpoint   best (default), latest, step_N, or the path of a step_XXXXXXXX folder
+  threshold    multi-label runs: a label is predicted where its probability is above this (0.5)
   dataset.*    change the run's dataset config (dataset.max_length: where texts are truncated)
 
 One output row per input row, in input order: ``label`` (the class name, from the saved config's
 id2label) and ``prob_<label>`` for every class; a regression run (num_labels=1) writes ``score``; a
-multi-label run writes ``labels`` (the labels whose probability, a sigmoid, is above 0.5: a list in JSON
+multi-label run writes ``labels`` (the labels whose probability, a sigmoid, is above threshold: a list in JSON
 lines, joined by the run's dataset.label_separator in csv/tsv) and ``prob_<label>`` for every label.
 """
 
@@ -40,7 +41,7 @@ from seqcls.runs import (find_checkpoint, label_names, load_classifier, load_run
 
 log = logging.getLogger("seqcls")
 USAGE = ("usage: python -m seqcls.predict run_dir=DIR (input=FILE | text=TEXT [text_pair=TEXT]) [output=FILE] "
-         "[text_fields=[a,b]] [checkpoint=best|latest|step_N|PATH] [batch_size=64] [chunk_size=4096] "
+         "[text_fields=[a,b]] [checkpoint=best|latest|step_N|PATH] [threshold=0.5] [batch_size=64] [chunk_size=4096] "
          "[device=auto|cpu|cuda] [dataset.KEY=VALUE ...]")
 OUTPUT_TYPES = (".csv", ".tsv", ".jsonl")
 
@@ -54,11 +55,14 @@ class PredictArgs:
     text_pair: Optional[str] = None
     text_fields: Optional[list[str]] = None
     checkpoint: str = "best"
+    threshold: Optional[float] = None
     batch_size: int = 64
     chunk_size: int = 4096
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"threshold must be between 0 and 1, got {self.threshold}")
         if (self.input is None) == (self.text is None):
             raise ConfigError("give either input=FILE or text=TEXT")
         if self.text_pair is not None and self.text is None:
@@ -82,6 +86,7 @@ class Predictor:
     max_length: int
     device: torch.device
     label_separator: str = ","
+    threshold: float = 0.5
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, checkpoint: str = "best", overrides: Sequence[str] = (),
@@ -118,8 +123,8 @@ class Predictor:
         names = self.fieldnames()[1:]
         if self.multi_label:
             probs = torch.sigmoid(logits)
-            return [{"labels": [self.labels[i] for i in range(len(p)) if p[i] > 0.5], **dict(zip(names, map(float, p)))}
-                    for p in probs]
+            return [{"labels": [self.labels[i] for i in range(len(p)) if p[i] > self.threshold],
+                     **dict(zip(names, map(float, p)))} for p in probs]
         probs = torch.softmax(logits, dim=-1)
         return [{"label": self.labels[int(p.argmax())], **dict(zip(names, map(float, p)))} for p in probs]
 
@@ -200,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     with user_errors():
         predictor = Predictor.from_run(args.run_dir, checkpoint=args.checkpoint, overrides=overrides,
                                        device=args.device)
+        if args.threshold is not None:
+            if not predictor.multi_label:
+                raise ConfigError("threshold= applies to multi-label runs (dataset.task=multi_label); this run "
+                                  "predicts one class a text: leave it out")
+            predictor.threshold = args.threshold
         if args.input is not None:
             n = predict_file(predictor, args.input, args.output, text_fields=args.text_fields,
                              batch_size=args.batch_size, chunk_size=args.chunk_size)
