@@ -86,3 +86,26 @@ def test_cli_prints_the_composed_job_config():
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.dataset.task == "sst2" and cfg.optimizer.lr == 1e-4
+
+
+@pytest.mark.parametrize("direction,fails", [("maximize", True), ("minimize", False)])
+def test_a_sweep_maximising_a_lower_is_better_best_metric_is_refused(direction, fails):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from seqcls.train import CONF_DIR, check_sweep_direction
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
+            "hydra/sweeper=optuna_lora", f"hydra.sweeper.direction={direction}", "checkpoint.best_metric=loss"])
+    cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(cfg)
+    try:
+        if fails:
+            with pytest.raises(ConfigError, match="add hydra.sweeper.direction=minimize"):
+                check_sweep_direction(cfg)
+        else:
+            check_sweep_direction(cfg)
+        cfg.checkpoint.best_metric = None  # the task's main metric: higher is better, either way fine
+        check_sweep_direction(cfg)
+    finally:
+        HydraConfig.instance().cfg = None

@@ -1,6 +1,7 @@
 """Every user mistake: non-zero exit, one or two lines naming the problem and the fix, no
 traceback, and nothing in an existing run dir overwritten."""
 
+import json
 import re
 import sys
 
@@ -28,6 +29,9 @@ def world(tmp_path_factory):
     (bad / "headerless.csv").write_text("hello,1\nbye,0\n")
     (bad / "notes.txt.xlsx").write_text("x")
     (bad / "a_folder.csv").mkdir()
+    (bad / "tag_lists.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": [0, 1] if i % 2 else [0]}) + "\n"
+                                                 for i in range(40)))
+    (bad / "mixed_tags.jsonl").write_text('{"text": "a", "label": [0, 1]}\n{"text": "b", "label": "1"}\n')
     run_dir = root / "existing_run"
     rc, _ = invoke(files(good, run_dir) + ["step_scheduler.max_steps=2"])
     assert rc == 0
@@ -72,7 +76,6 @@ CASES = [
     ("cp_size", ["distributed.cp_size=2"], "cp_size=1"),
     ("bad_decay", ["lr_scheduler.decay=step"], "linear, cosine or constant"),
     ("bad_precision", ["precision=fp8"], "precision must be auto, bf16, fp16 or fp32"),
-    ("fp16_fsdp2", ["precision=fp16", "distributed=fsdp2"], "not built for distributed=fsdp2"),
     ("no_gpu", ["device=cuda"], "device=cpu"),
     ("three_text_fields", ["dataset.text_fields=[a,b,c]"], "one or two"),
     ("label_out_of_range", [f"dataset.train_file={B}/labels_out_of_range.csv"], "row 2 has label 7, outside 0..1"),
@@ -102,6 +105,13 @@ CASES = [
     ("resume_nothing_there", ["checkpoint.restore_from={root}/nothing"], "no checkpoint there"),
     ("keep_last_zero", ["checkpoint.keep_last_k=0"], "keep_last_k must be"),
     ("class_weights_count", ["loss.class_weights=[1,2,3]"], "3 weights for dataset.num_labels=2"),
+    ("labels_count", ["dataset.labels=[a,b,c]"], "dataset.labels has 3 names for dataset.num_labels=2"),
+    ("task_unknown", ["dataset.task=multilabel"], "use one of classification, multi_label"),
+    ("list_labels_single_label", [f"dataset.train_file={B}/tag_lists.jsonl"], "set dataset.task=multi_label"),
+    ("mixed_label_kinds", [f"dataset.train_file={B}/mixed_tags.jsonl"], "column 'label' mixes kinds of values"),
+    ("balanced_label_everywhere", ["dataset.task=multi_label", f"dataset.train_file={B}/tag_lists.jsonl",
+                                   "loss.class_weights=balanced"], "label 0 is positive in every training example"),
+    ("fp16_fsdp2_explicit", ["precision=fp16", "distributed=fsdp2"], "precision=fp16 is not built for distributed=fsdp2"),
     ("class_weights_word", ["loss.class_weights=heavy"], "loss.class_weights must be null, balanced"),
     ("balanced_missing_class", ["loss.class_weights=balanced", "dataset.num_labels=3"], "class 2 has no training example"),
     ("label_smoothing_one", ["loss.label_smoothing=1.0"], "label_smoothing must be in [0, 1)"),
@@ -138,6 +148,11 @@ def test_user_mistake_gets_one_clear_line_and_leaves_the_existing_run_alone(worl
 def test_checkpoint_of_another_model_in_the_run_dir_is_refused(world):
     code, err = invoke(files(world["good"], world["run"]) + ["model=tiny_roberta"])
     assert code == 2 and "comes from another setup" in err and "Traceback" not in err
+
+
+def test_a_single_label_checkpoint_is_not_resumed_as_multi_label(world):
+    code, err = invoke(files(world["good"], world["run"]) + ["dataset.task=multi_label"])
+    assert code == 2 and "multi_label: checkpoint False vs config True" in err and "Traceback" not in err
 
 
 def test_restarting_over_an_existing_run_is_refused(world):

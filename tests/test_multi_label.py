@@ -152,3 +152,23 @@ def test_predict_threshold_picks_the_labels_above_it(trained, capsys):
     predict.main(args + [f"threshold={threshold}"])
     above = json.loads(capsys.readouterr().out)["labels"]
     assert above == [name for name in LABELS if row[f"prob_{name}"] > threshold] and len(above) == 2
+
+
+def test_the_run_sets_its_own_problem_type_over_a_pretrained_classifiers(tmp_path):
+    """Fine-tuning a multi-label (or regression) classifier as a single-label one: the saved config, which
+    predict and transformers' pipelines read, must say single-label."""
+    from transformers import AutoTokenizer
+    from seqcls.models import from_config, from_pretrained
+    from seqcls.runs import load_classifier
+    tok = AutoTokenizer.from_pretrained(compose_cfg(TINY).model.tokenizer_name_or_path)
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    for multi_label, num_labels in ((True, 3), (False, 1)):
+        base = from_config("bert", num_labels=num_labels, multi_label=multi_label, tokenizer=tok, config_overrides=small)
+        base.save_pretrained(tmp_path / "base")
+        tuned = from_pretrained(str(tmp_path / "base"), num_labels=2, labels=["neg", "pos"])
+        assert tuned.config.problem_type == "single_label_classification"
+        tuned.save_pretrained(tmp_path / "tuned")
+        tok.save_pretrained(tmp_path / "tuned")
+        model, _ = load_classifier(tmp_path / "tuned", torch.device("cpu"))
+        predictor = Predictor(model, tok, ["neg", "pos"], ["text"], 32, torch.device("cpu"))
+        assert not predictor.multi_label and predictor.fieldnames() == ["label", "prob_neg", "prob_pos"]

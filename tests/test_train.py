@@ -257,13 +257,19 @@ def test_activation_checkpointing_trains_as_without_it_and_keeps_fewer_activatio
         torch.testing.assert_close(ac[name], plain[name], rtol=0, atol=0, msg=name)
 
 
-def test_fp16_with_loss_scaling_learns_the_task(tmp_path, synthetic_dir):
+def test_fp16_with_loss_scaling_learns_the_task_with_the_gradients_of_fp32(tmp_path, synthetic_dir):
     run_dir = tmp_path / "run"
     results = run(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
-        "precision=fp16", "step_scheduler.num_epochs=5"]))
+        "precision=fp16", "step_scheduler.num_epochs=5", "step_scheduler.log_every_steps=1"]))
     assert results["final"]["accuracy"] >= 0.9
     state = json.loads((run_dir / "checkpoints" / f"step_{results['steps']:08d}" / "trainer_state.json").read_text())
-    assert state["grad_scaler"]["scale"] > 0
+    assert state["grad_scaler"]["scale"] == 2.0 ** 16 and state["grad_scaler"]["_growth_tracker"] == results["steps"]
+    # The gradients are unscaled before the norm is taken and clipped: the first step's norm is fp32's (up to fp16
+    # rounding), not 2^16 times it.
+    run(compose_cfg(synthetic_overrides(synthetic_dir, tmp_path / "fp32") + [
+        "step_scheduler.max_steps=1", "step_scheduler.log_every_steps=1"]))
+    first, = read_rows(tmp_path / "fp32", "train")
+    assert read_rows(run_dir, "train")[0]["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-2)
 
 
 def test_fp16_skips_a_step_whose_gradients_overflow_and_resumes_its_loss_scale(tmp_path, synthetic_dir):

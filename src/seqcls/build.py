@@ -424,10 +424,10 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     else:
         model.to(device)
     amp_dtype = autocast_dtype(cfg.precision, device)
-    if amp_dtype == torch.float16 and cfg.distributed.strategy == "fsdp2":
-        raise ConfigError(f"fp16 (precision={cfg.precision} on this {device.type}) is not built for distributed=fsdp2, "
-                          f"whose gradients would need a sharded loss scaler; use distributed=none, or bf16 on a GPU "
-                          f"that has it")
+    if amp_dtype == torch.float16 and cfg.distributed.strategy == "fsdp2":  # auto on a GPU without bf16
+        log.info("precision=auto under FSDP2 autocasts to bf16 (fp16's loss scaling is not built for sharded "
+                 "gradients), which this GPU runs without its own bf16 units")
+        amp_dtype = torch.bfloat16
     compiled = use_compile(cfg, device)
     if device.type == "cpu" and not compiled:  # compiled code draws its own dropout masks
         from seqcls.models import rand_dropout
@@ -627,7 +627,9 @@ def set_aside_metrics(run_dir: Path, *, after_step: int) -> None:
 
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: the model and its label space."""
+    """What a checkpoint must agree with to be resumed: the model and its label space (a checkpoint from before
+    a key was kept takes that key's FINGERPRINT_DEFAULTS)."""
     return {"model": cfg.model.pretrained_model_name_or_path or cfg.model.model_type,
             "num_labels": cfg.dataset.num_labels, "peft": bool(cfg.peft.enabled),
-            "lora_dim": cfg.peft.dim if cfg.peft.enabled else None}
+            "lora_dim": cfg.peft.dim if cfg.peft.enabled else None,
+            "multi_label": cfg.dataset.task == "multi_label"}

@@ -37,6 +37,8 @@ from seqcls.config import ConfigError
 from seqcls.distributed import DistInfo, barrier
 
 log = logging.getLogger("seqcls")
+FINGERPRINT_DEFAULTS = {"multi_label": False}
+"""The values of fingerprint keys added later, for checkpoints written before them (seqcls.build.fingerprint)."""
 # DCP says so on every save/load in one process, where that is the intent.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -166,8 +168,8 @@ class Checkpointer:
     def load(self, trainer, path: Path) -> None:
         """Restore everything ``save`` wrote; refuses an incompatible checkpoint before touching anything."""
         meta = json.loads((path / "trainer_state.json").read_text())
-        diffs = {k: (meta["fingerprint"].get(k), v) for k, v in self.fingerprint.items()
-                 if meta["fingerprint"].get(k) != v}
+        saved = {**FINGERPRINT_DEFAULTS, **meta["fingerprint"]}
+        diffs = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
         if diffs:
             what = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
             raise ConfigError(f"checkpoint {path} comes from another setup ({what}); use a new run_dir or "

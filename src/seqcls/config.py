@@ -104,6 +104,11 @@ class ModelConfig:
         _check(self.num_labels >= 1, f"model.num_labels must be >= 1, got {self.num_labels}")
 
 
+TASKS = ("classification", "multi_label", "regression", "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli",
+         "rte", "wnli")
+"""What dataset.task may name: the metric family (and, multi_label, the loss and the label format)."""
+
+
 @dataclass
 class DatasetConfig:
     _target_: str = "seqcls.data.load_glue"
@@ -146,6 +151,10 @@ class DatasetConfig:
                f"dataset.text_fields takes one or two column names, got {list(self.text_fields)}")
         _check(self.max_length > 0, f"dataset.max_length must be > 0, got {self.max_length}")
         _check(len(self.validation_splits) >= 1, "dataset.validation_splits needs at least one split name")
+        _check(self.task in TASKS, f"dataset.task={self.task!r} is not a task seqcls knows; use one of {', '.join(TASKS)}")
+        _check(self.labels is None or len(self.labels) == self.num_labels,
+               f"dataset.labels has {len(self.labels or [])} names for dataset.num_labels={self.num_labels}; "
+               f"make them agree")
         _check(self.task != "multi_label" or self.num_labels >= 2,
                f"dataset.task=multi_label needs dataset.num_labels >= 2 (one output a label), got {self.num_labels}")
         _check(self.task != "multi_label" or len(self.label_separator) > 0, "dataset.label_separator is empty")
@@ -518,6 +527,9 @@ class TrainConfig:
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"),
                f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        _check(not (self.precision == "fp16" and self.distributed.strategy == "fsdp2"),
+               "precision=fp16 is not built for distributed=fsdp2, whose gradients would need a sharded loss scaler; "
+               "use precision=bf16 (or auto) with FSDP2")
         _check(self.dataset.task != "multi_label" or self.loss.label_smoothing == 0.0,
                "loss.label_smoothing applies to single-label classification; dataset.task=multi_label trains each "
                "label's yes/no with binary cross-entropy: leave it at 0")

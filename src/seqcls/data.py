@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import datasets
+import pyarrow as pa
 import torch
 from torch.utils.data import Sampler
 
@@ -169,7 +170,17 @@ def load_files(split: str, *, train_file: Optional[str] = None, validation_file:
         raise ConfigError(f"dataset=files has splits train, validation and test, not {split!r}")
     if files[split] is None:
         raise ConfigError(f"dataset.{split}_file is not set; pass dataset.{split}_file=PATH")
-    return datasets.Dataset.from_dict(read_table(files[split], column_names=column_names))
+    columns = read_table(files[split], column_names=column_names)
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # e.g. a JSON column holding lists in some rows, strings in others
+        for name, values in columns.items():
+            try:
+                pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise DataError(f"{files[split]}: column {name!r} mixes kinds of values ({e}); give every row the "
+                                f"same kind (for labels: a list in every row, or a string in every row)") from None
+        raise
 
 
 def encode_multi_labels(values: Sequence[Any], *, num_labels: int, labels: Optional[Sequence[str]], where: str,
@@ -191,6 +202,9 @@ def encode_multi_labels(values: Sequence[Any], *, num_labels: int, labels: Optio
                 item = int(item)
             if isinstance(item, float) and item.is_integer():
                 item = int(item)
+            if isinstance(item, str) and not labels:
+                raise DataError(f"{where}: row {i} has string label {item!r}; set dataset.labels=[...] to the label "
+                                f"names in index order")
             if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < num_labels:
                 known = f"one of dataset.labels={list(labels)} or " if labels else ""
                 raise DataError(f"{where}: row {i} has label {item!r}; a label is {known}an index in "
@@ -212,6 +226,9 @@ def encode_labels(values: Sequence[Any], *, num_labels: int, labels: Optional[Se
     index = {name: i for i, name in enumerate(labels)} if labels else {}
     out = []
     for i, v in enumerate(values):
+        if isinstance(v, (list, tuple)):
+            raise DataError(f"{where}: row {i} has a list of labels {v!r}; for several labels a text set "
+                            f"dataset.task=multi_label")
         if isinstance(v, str):
             v = v.strip()
             if v in index:

@@ -23,11 +23,11 @@ OFFLINE_HINT = ("offline, use a local directory (model.pretrained_model_name_or_
 
 
 def _label_kwargs(num_labels: int, labels: Optional[list[str]], multi_label: bool = False) -> dict[str, Any]:
-    kw: dict[str, Any] = {"num_labels": num_labels}
-    if num_labels == 1:
-        kw["problem_type"] = "regression"
-    if multi_label:  # saved in config.json: HF's pipelines then apply a sigmoid, not a softmax
-        kw["problem_type"] = "multi_label_classification"
+    # Always set, over what a pretrained classifier's config says: it is saved in config.json, and from it HF's
+    # pipelines (and seqcls.predict) choose softmax, sigmoid or none.
+    problem = "regression" if num_labels == 1 else \
+        "multi_label_classification" if multi_label else "single_label_classification"
+    kw: dict[str, Any] = {"num_labels": num_labels, "problem_type": problem}
     if num_labels > 1 and labels:
         kw["id2label"] = dict(enumerate(labels))
         kw["label2id"] = {name: i for i, name in enumerate(labels)}

@@ -207,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        device=args.device)
         if args.threshold is not None:
             if not predictor.multi_label:
-                raise ConfigError("threshold= applies to multi-label runs (dataset.task=multi_label); this run "
-                                  "predicts one class a text: leave it out")
+                raise ConfigError("threshold= applies to multi-label runs (dataset.task=multi_label), which this "
+                                  "run is not: leave it out")
             predictor.threshold = args.threshold
         if args.input is not None:
             n = predict_file(predictor, args.input, args.output, text_fields=args.text_fields,

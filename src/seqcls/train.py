@@ -57,6 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from seqcls.trainer import StopSignal
 
     OmegaConf.to_object(cfg)  # runs the schema checks (__post_init__) on the composed values
+    check_sweep_direction(cfg)
     run_dir = resolve_run_dir(cfg)
     setup_logging(launcher_rank() == 0)
     trainer = build_trainer(cfg, run_dir)  # resumes from the run dir's latest checkpoint if there is one
@@ -107,6 +108,19 @@ def record_failure(cfg: DictConfig, error: Exception) -> None:
         (run_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
     except Exception:  # no run dir to write to: the error still reaches the caller
         pass
+
+
+def check_sweep_direction(cfg: DictConfig) -> None:
+    """An optimising sweeper (Optuna) told to maximise what each job returns, the best value of
+    checkpoint.best_metric, would pick the worst runs of a lower-is-better metric (the loss)."""
+    from seqcls.metrics import greater_is_better
+    if not in_sweep() or cfg.checkpoint.best_metric is None or greater_is_better(cfg.checkpoint.best_metric):
+        return
+    from hydra.core.hydra_config import HydraConfig
+    direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction")
+    if direction is not None and "maximize" in str(direction).lower():
+        raise ConfigError(f"checkpoint.best_metric={cfg.checkpoint.best_metric} is lower-is-better but the sweeper "
+                          f"maximises it; add hydra.sweeper.direction=minimize")
 
 
 def in_sweep() -> bool:

@@ -101,6 +101,9 @@ def class_weights(spec: Any, labels: Sequence[Any], num_labels: int, multi_label
         if (positives == 0).any():
             raise ConfigError(f"loss.class_weights=balanced: label {int(np.argmin(positives))} has no positive "
                               f"training example; give the weights as a list")
+        if (positives == len(labels)).any():  # its weight would be 0: the label would never train
+            raise ConfigError(f"loss.class_weights=balanced: label {int(np.argmax(positives))} is positive in every "
+                              f"training example; give the weights as a list")
         return ((len(labels) - positives) / positives).tolist()
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
     if (counts == 0).any():
@@ -265,7 +268,8 @@ class Trainer:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batches_into_epoch = int(state["batches_into_epoch"])
         if state["best"].get("metric") == self.best_metric:
-            self.best = {"greater_is_better": True, **state["best"]}  # checkpoints from before the key: higher was better
+            # A checkpoint from before the key: the metric's own direction
+            self.best = {"greater_is_better": greater_is_better(self.best_metric), **state["best"]}
             self.validations_without_improvement = int(state.get("validations_without_improvement", 0))
         elif self.dist.is_writer:  # the value kept is another metric's: the next validation starts afresh
             log.warning("the checkpoint's best metric is %s, this run's %s: the best is tracked anew from the next "
