@@ -70,6 +70,7 @@ def test_wrong_type_is_rejected_with_the_key_name():
     ("compile.varlen_kernel=fast", "compile.varlen_kernel must be auto, flash, efficient or short"),
     ("compile.dropout_masks=cuda", "compile.dropout_masks must be auto, inductor, triton or triton_bits, got 'cuda'"),
     ("dataset=glue_stsb loss.label_smoothing=0.1", "apply to classification"),
+    ("dataset=files dataset.task=regression", "set dataset.num_labels=1"),
     ("dataset=glue_stsb checkpoint.best_metric=f1", "use one of pearson, spearmanr, loss"),
     ("dataset=glue_cola checkpoint.best_metric=mcc step_scheduler.early_stopping_threshold=-1", "threshold must be >= 0"),
 ])
@@ -88,24 +89,28 @@ def test_cli_prints_the_composed_job_config():
     assert cfg.dataset.task == "sst2" and cfg.optimizer.lr == 1e-4
 
 
-@pytest.mark.parametrize("direction,fails", [("maximize", True), ("minimize", False)])
-def test_a_sweep_maximising_a_lower_is_better_best_metric_is_refused(direction, fails):
+@pytest.mark.parametrize("direction,best_metric,fails", [
+    ("maximize", "loss", True), ("minimize", "loss", False), ("minimize", "null", True), ("maximize", "null", False),
+    ("[minimize]", "null", True)])
+def test_a_sweep_that_points_away_from_the_best_metric_is_refused_before_training(tmp_path, direction, best_metric,
+                                                                                  fails):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from seqcls.train import CONF_DIR, check_sweep_direction
+    from seqcls.train import CONF_DIR, check_sweep_direction, run
+    overrides = ["hydra/sweeper=optuna_lora", f"hydra.sweeper.direction={direction}",
+                 f"checkpoint.best_metric={best_metric}", f"run_dir={tmp_path / 'run'}"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
-            "hydra/sweeper=optuna_lora", f"hydra.sweeper.direction={direction}", "checkpoint.best_metric=loss"])
-    cfg.hydra.mode = RunMode.MULTIRUN
-    HydraConfig.instance().set_config(cfg)
+        with_hydra = compose(config_name="train", return_hydra_config=True, overrides=overrides)
+        cfg = compose(config_name="train", overrides=overrides)  # what a job's main() is handed
+    with_hydra.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(with_hydra)
     try:
-        if fails:
-            with pytest.raises(ConfigError, match="add hydra.sweeper.direction=minimize"):
-                check_sweep_direction(cfg)
+        if fails:  # through run(): the check comes before anything is built
+            with pytest.raises(ConfigError, match="add hydra.sweeper.direction="):
+                run(cfg)
+            assert not (tmp_path / "run").exists()
         else:
             check_sweep_direction(cfg)
-        cfg.checkpoint.best_metric = None  # the task's main metric: higher is better, either way fine
-        check_sweep_direction(cfg)
     finally:
         HydraConfig.instance().cfg = None

@@ -108,7 +108,7 @@ CASES = [
     ("labels_count", ["dataset.labels=[a,b,c]"], "dataset.labels has 3 names for dataset.num_labels=2"),
     ("task_unknown", ["dataset.task=multilabel"], "use one of classification, multi_label"),
     ("list_labels_single_label", [f"dataset.train_file={B}/tag_lists.jsonl"], "set dataset.task=multi_label"),
-    ("mixed_label_kinds", [f"dataset.train_file={B}/mixed_tags.jsonl"], "column 'label' mixes kinds of values"),
+    ("mixed_label_kinds", [f"dataset.train_file={B}/mixed_tags.jsonl"], "column 'label' holds a str in row 1 but a list before it"),
     ("balanced_label_everywhere", ["dataset.task=multi_label", f"dataset.train_file={B}/tag_lists.jsonl",
                                    "loss.class_weights=balanced"], "label 0 is positive in every training example"),
     ("fp16_fsdp2_explicit", ["precision=fp16", "distributed=fsdp2"], "precision=fp16 is not built for distributed=fsdp2"),

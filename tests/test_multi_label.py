@@ -172,3 +172,27 @@ def test_the_run_sets_its_own_problem_type_over_a_pretrained_classifiers(tmp_pat
         model, _ = load_classifier(tmp_path / "tuned", torch.device("cpu"))
         predictor = Predictor(model, tok, ["neg", "pos"], ["text"], 32, torch.device("cpu"))
         assert not predictor.multi_label and predictor.fieldnames() == ["label", "prob_neg", "prob_pos"]
+
+
+def test_checkpoints_written_before_the_multi_label_fingerprint_resume_by_their_models_problem_type(tmp_path):
+    from seqcls.config import ConfigError
+    data = write_multi_label(tmp_path / "data", n_train=32, n_val=8)
+    (tmp_path / "three.csv").write_text("text,tags\n" + "".join(f"t{i},{i % 3}\n" for i in range(32)))
+    single = ["dataset.task=classification", f"dataset.train_file={tmp_path / 'three.csv'}",
+              f"dataset.validation_file={tmp_path / 'three.csv'}"]
+
+    def train(run_dir, steps, extra=()):
+        return run(compose_cfg(overrides(data, run_dir) + list(extra) + [f"step_scheduler.max_steps={steps}"]))
+
+    def drop_key(run_dir):  # what a checkpoint written before the key holds
+        state = run_dir / "checkpoints" / "step_00000002" / "trainer_state.json"
+        meta = json.loads(state.read_text())
+        del meta["fingerprint"]["multi_label"]
+        state.write_text(json.dumps(meta))
+    train(tmp_path / "ml", 2)
+    drop_key(tmp_path / "ml")
+    assert train(tmp_path / "ml", 4)["steps"] == 4  # resumed: its model's config says multi-label
+    train(tmp_path / "single", 2, single)
+    drop_key(tmp_path / "single")
+    with pytest.raises(ConfigError, match="multi_label: checkpoint False vs config True"):
+        train(tmp_path / "single", 4, single[1:])  # the same files, now as multi-label

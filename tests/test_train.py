@@ -184,6 +184,16 @@ def test_loss_as_best_metric_keeps_the_lowest_loss(tmp_path, synthetic_dir):
     assert (run_dir / "checkpoints" / "BEST").read_text().strip() == f"step_{lowest['step']:08d}"
 
 
+def test_a_checkpoint_from_before_greater_is_better_resumes_loss_as_lower_is_better(tmp_path, synthetic_dir):
+    run_dir = tmp_path / "run"
+    trainer = build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [
+        "checkpoint.enabled=false", "checkpoint.best_metric=loss"]), run_dir)
+    state = trainer.state_dict()
+    state["best"] = {"metric": "loss", "value": 0.5, "step": 4}  # no greater_is_better: written before the key
+    trainer.load_state_dict(state)
+    assert trainer.best["greater_is_better"] is False
+
+
 def test_class_weights_and_label_smoothing_are_the_loss_the_run_trains_on(tmp_path, synthetic_dir):
     run_dir = tmp_path / "run"
     trainer = build_trainer(compose_cfg(synthetic_overrides(synthetic_dir, run_dir) + [

@@ -424,10 +424,16 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
     else:
         model.to(device)
     amp_dtype = autocast_dtype(cfg.precision, device)
-    if amp_dtype == torch.float16 and cfg.distributed.strategy == "fsdp2":  # auto on a GPU without bf16
+    if amp_dtype == torch.float16 and cfg.distributed.strategy == "fsdp2":
+        if cfg.precision != "auto":  # the schema refuses it too; this is for callers that skip its checks
+            raise ConfigError("precision=fp16 is not built for distributed=fsdp2, whose gradients would need a "
+                              "sharded loss scaler; use precision=bf16 (or auto) with FSDP2")
         log.info("precision=auto under FSDP2 autocasts to bf16 (fp16's loss scaling is not built for sharded "
                  "gradients), which this GPU runs without its own bf16 units")
         amp_dtype = torch.bfloat16
+    if cfg.distributed.strategy == "fsdp2" and cfg.distributed.param_dtype == "float16" and device.type == "cuda":
+        log.warning("distributed.param_dtype=float16 computes in fp16 without loss scaling: small gradients may "
+                    "flush to zero; bfloat16 does not need it")
     compiled = use_compile(cfg, device)
     if device.type == "cpu" and not compiled:  # compiled code draws its own dropout masks
         from seqcls.models import rand_dropout

@@ -37,8 +37,6 @@ from seqcls.config import ConfigError
 from seqcls.distributed import DistInfo, barrier
 
 log = logging.getLogger("seqcls")
-FINGERPRINT_DEFAULTS = {"multi_label": False}
-"""The values of fingerprint keys added later, for checkpoints written before them (seqcls.build.fingerprint)."""
 # DCP says so on every save/load in one process, where that is the intent.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -168,8 +166,8 @@ class Checkpointer:
     def load(self, trainer, path: Path) -> None:
         """Restore everything ``save`` wrote; refuses an incompatible checkpoint before touching anything."""
         meta = json.loads((path / "trainer_state.json").read_text())
-        saved = {**FINGERPRINT_DEFAULTS, **meta["fingerprint"]}
-        diffs = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
+        saved = saved_fingerprint(path, meta["fingerprint"])
+        diffs = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if k in saved and saved[k] != v}
         if diffs:
             what = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
             raise ConfigError(f"checkpoint {path} comes from another setup ({what}); use a new run_dir or "
@@ -198,6 +196,18 @@ class Checkpointer:
         for p in steps[: max(0, len(steps) - self.keep_last_k)]:
             if p.name not in keep:
                 shutil.rmtree(p)
+
+
+def saved_fingerprint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's fingerprint (seqcls.build.fingerprint), with keys added since it was written filled in
+    from what it holds where that tells: ``multi_label`` from its model's problem_type. A key it cannot
+    tell is left out, and not compared."""
+    fingerprint = dict(fingerprint)
+    config = path / "model" / "config.json"
+    if "multi_label" not in fingerprint and config.is_file():
+        problem = json.loads(config.read_text()).get("problem_type")
+        fingerprint["multi_label"] = problem == "multi_label_classification"
+    return fingerprint
 
 
 def rng_state() -> dict[str, Any]:

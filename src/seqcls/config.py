@@ -152,6 +152,8 @@ class DatasetConfig:
         _check(self.max_length > 0, f"dataset.max_length must be > 0, got {self.max_length}")
         _check(len(self.validation_splits) >= 1, "dataset.validation_splits needs at least one split name")
         _check(self.task in TASKS, f"dataset.task={self.task!r} is not a task seqcls knows; use one of {', '.join(TASKS)}")
+        _check(self.task not in ("regression", "stsb") or self.num_labels == 1,
+               f"dataset.task={self.task} predicts one number a text: set dataset.num_labels=1")
         _check(self.labels is None or len(self.labels) == self.num_labels,
                f"dataset.labels has {len(self.labels or [])} names for dataset.num_labels={self.num_labels}; "
                f"make them agree")

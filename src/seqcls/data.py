@@ -177,9 +177,14 @@ def load_files(split: str, *, train_file: Optional[str] = None, validation_file:
         for name, values in columns.items():
             try:
                 pa.array(values)
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                raise DataError(f"{files[split]}: column {name!r} mixes kinds of values ({e}); give every row the "
-                                f"same kind (for labels: a list in every row, or a string in every row)") from None
+                continue
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                pass
+            kinds = [type(v) for v in values if v is not None]
+            odd = next((i for i, v in enumerate(values) if v is not None and type(v) is not kinds[0]), None)
+            if odd is not None:
+                raise DataError(f"{files[split]}: column {name!r} holds a {type(values[odd]).__name__} in row {odd} "
+                                f"but a {kinds[0].__name__} before it; give every row the same kind of value") from None
         raise
 
 

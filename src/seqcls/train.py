@@ -111,16 +111,21 @@ def record_failure(cfg: DictConfig, error: Exception) -> None:
 
 
 def check_sweep_direction(cfg: DictConfig) -> None:
-    """An optimising sweeper (Optuna) told to maximise what each job returns, the best value of
-    checkpoint.best_metric, would pick the worst runs of a lower-is-better metric (the loss)."""
-    from seqcls.metrics import greater_is_better
-    if not in_sweep() or cfg.checkpoint.best_metric is None or greater_is_better(cfg.checkpoint.best_metric):
+    """An optimising sweeper that takes a ``direction`` (Optuna's; its own default is minimize) and points it
+    against checkpoint.best_metric, the value each job returns, would pick the worst runs: maximising a loss,
+    or minimising an accuracy. Sweepers without that setting are not checked."""
+    if not in_sweep():
         return
     from hydra.core.hydra_config import HydraConfig
     direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction")
-    if direction is not None and "maximize" in str(direction).lower():
-        raise ConfigError(f"checkpoint.best_metric={cfg.checkpoint.best_metric} is lower-is-better but the sweeper "
-                          f"maximises it; add hydra.sweeper.direction=minimize")
+    if direction is None:
+        return
+    from seqcls.metrics import greater_is_better, main_metric
+    metric = cfg.checkpoint.best_metric or main_metric(cfg.dataset.task, cfg.dataset.num_labels)
+    want = "maximize" if greater_is_better(metric) else "minimize"
+    if want not in str(direction).lower():
+        raise ConfigError(f"the sweeper's direction is {direction} but each job returns its best {metric}, where "
+                          f"{'higher' if want == 'maximize' else 'lower'} is better; add hydra.sweeper.direction={want}")
 
 
 def in_sweep() -> bool:
