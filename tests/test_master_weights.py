@@ -414,3 +414,22 @@ def test_a_run_with_lazy_embedding_rows_trains_as_the_dense_update(tmp_path):
     assert r["lazy"] == [True, False] and r["steps"] == [6, 6] and r["validations"] == [2, 2], r
     assert r["behind_at_flushes"][0] > 0 and r["behind_at_end"] == 0, r  # rows were behind until a flush
     assert r["train_err"] <= 1e-6 and r["val_err"] <= 1e-6 and r["param_err"] <= 1e-6, r
+
+
+@pytest.mark.parametrize("setting,graphs,master,peft,expected", [
+    ("null", True, True, "none", True), ("null", False, True, "none", False), ("null", True, False, "none", False),
+    ("null", True, True, "lora", False), ("false", True, True, "none", False), ("true", False, True, "none", True)])
+def test_lazy_embedding_rows_by_default_where_they_apply_under_the_step_graphs(tmp_path, synthetic_dir, setting,
+                                                                               graphs, master, peft, expected):
+    """The decision alone, for a CUDA device (Triton's reach): null turns the lazy rows on for full fine-tuning
+    with the master weights under the step graphs, and stays quiet elsewhere."""
+    import torch
+    from seqcls.build import build_model, use_lazy_rows
+    from seqcls.models import load_tokenizer
+    cfg = compose_cfg(synthetic_overrides(synthetic_dir, tmp_path) + [
+        f"compile.lazy_embedding_update={setting}", f"peft={peft}"])
+    model = build_model(cfg, load_tokenizer(cfg.model.tokenizer_name_or_path))
+    rows = use_lazy_rows(cfg, model, torch.device("cuda"), master, {"total_steps": 7}, graphs)
+    assert (rows is not None) == expected
+    if expected:
+        assert rows == {model.get_input_embeddings().weight: 8}

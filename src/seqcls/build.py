@@ -299,10 +299,12 @@ def use_step_graphs(cfg: DictConfig, device: torch.device, dist_info: DistInfo,
 
 
 def use_lazy_rows(cfg: DictConfig, model, device: torch.device, master_weights: bool,
-                  plan: dict[str, int]) -> Optional[dict]:
+                  plan: dict[str, int], graphs: bool = False) -> Optional[dict]:
     """compile.lazy_embedding_update: the trained fp32 word embeddings -> the most steps between flushes (the
-    run's), for MasterWeightAdamW; where it cannot apply, one clear error."""
-    if not cfg.compile.lazy_embedding_update:
+    run's), for MasterWeightAdamW. null: where it applies under the step graphs; true where it cannot apply:
+    one clear error."""
+    setting = cfg.compile.lazy_embedding_update
+    if setting is False or (setting is None and not graphs):
         return None
     from seqcls.dropout import supported as dropout_kernel_supported  # Triton's reach: NVIDIA GPUs
     weight = model.get_input_embeddings().weight
@@ -316,6 +318,8 @@ def use_lazy_rows(cfg: DictConfig, model, device: torch.device, master_weights: 
     elif cfg.compile.enabled and cfg.compile.scope != "blocks":
         why = "compile.scope=blocks (the embedding's forward hook runs outside the compiled blocks)"
     if why:
+        if setting is None:
+            return None
         raise ConfigError(f"compile.lazy_embedding_update=true needs {why}; use compile.lazy_embedding_update=false")
     log.info("the word embeddings' AdamW updates the rows each step touches, the rest lazily "
              "(compile.lazy_embedding_update)")
@@ -502,7 +506,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         raise ConfigError("compile.update_kernel=triton needs the master-weight update inside the step graphs "
                           "(bf16 autocast on an NVIDIA GPU, compile.cuda_graphs=step, one process); "
                           "use compile.update_kernel=inductor")
-    lazy_rows = use_lazy_rows(cfg, model, device, master_weights, plan)
+    lazy_rows = use_lazy_rows(cfg, model, device, master_weights, plan, graphs)
     if master_weights:
         from seqcls.optim import MasterWeightAdamW, weight_buckets
         opt_kwargs.pop("fused")
