@@ -120,7 +120,7 @@ def label_options(dcfg: DictConfig) -> dict[str, Any]:
     """prepare_split's settings from the dataset config."""
     return dict(text_fields=list(dcfg.text_fields), label_field=dcfg.label_field, num_labels=dcfg.num_labels,
                 labels=list(dcfg.labels) if dcfg.labels else None, max_length=dcfg.max_length,
-                multi_label=dcfg.task == "multi_label", label_separator=dcfg.get("label_separator", ","))
+                multi_label=dcfg.task == "multi_label", label_separator=dcfg.label_separator)
 
 
 def build_model(cfg: DictConfig, tokenizer) -> torch.nn.Module:
@@ -565,11 +565,11 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         for name in cfg.dataset.validation_splits}
 
     best_metric = cfg.checkpoint.best_metric or main_metric(cfg.dataset.task, cfg.dataset.num_labels)
-    weights = None
+    weights, multi_label = None, cfg.dataset.task == "multi_label"
     if cfg.dataset.num_labels > 1:
         from seqcls.trainer import class_weights
         weights = class_weights(cfg.loss.class_weights, splits["train"]["labels"], cfg.dataset.num_labels,
-                                multi_label=cfg.dataset.task == "multi_label")
+                                multi_label=multi_label)
         if weights is not None and dist_info.is_writer:
             log.info("class weights in the loss: %s", ", ".join(f"{w:.4g}" for w in weights))
     checkpointer = None
@@ -597,7 +597,7 @@ def _assemble(cfg: DictConfig, run_dir: Path, device: torch.device, dist_info: D
         capture_ahead=cfg.compile.capture_ahead,
         early_stopping_patience=cfg.step_scheduler.early_stopping_patience,
         early_stopping_threshold=cfg.step_scheduler.early_stopping_threshold,
-        class_weights=weights, label_smoothing=cfg.loss.label_smoothing, multi_label=cfg.dataset.task == "multi_label",
+        class_weights=weights, label_smoothing=cfg.loss.label_smoothing, multi_label=multi_label,
         loggers=build_loggers(cfg, run_dir=run_dir, is_writer=dist_info.is_writer))
     if checkpointer is not None:
         resume(trainer, checkpointer, cfg.checkpoint.restore_from, run_dir)
@@ -637,8 +637,8 @@ def set_aside_metrics(run_dir: Path, *, after_step: int) -> None:
 
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: the model and its label space (a checkpoint from before
-    a key was kept takes that key's FINGERPRINT_DEFAULTS)."""
+    """What a checkpoint must agree with to be resumed: the model and its label space (for a checkpoint from
+    before a key was kept, seqcls.checkpoint.saved_fingerprint fills it in where the checkpoint tells)."""
     return {"model": cfg.model.pretrained_model_name_or_path or cfg.model.model_type,
             "num_labels": cfg.dataset.num_labels, "peft": bool(cfg.peft.enabled),
             "lora_dim": cfg.peft.dim if cfg.peft.enabled else None,

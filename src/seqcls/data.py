@@ -188,6 +188,20 @@ def load_files(split: str, *, train_file: Optional[str] = None, validation_file:
         raise
 
 
+def _class_index(v: Any, index: dict[str, int]) -> Any:
+    """A label value as a class index where it reads as one (a name in ``index``, a digit string, an integral
+    float); anything else comes back as it is (a string stripped), for the caller to refuse."""
+    if isinstance(v, str):
+        v = v.strip()
+        if v in index:
+            return index[v]
+        if v.lstrip("-").isdigit():
+            return int(v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
 def encode_multi_labels(values: Sequence[Any], *, num_labels: int, labels: Optional[Sequence[str]], where: str,
                         separator: str = ",") -> list[list[float]]:
     """Each example's set of labels as a 0/1 row of num_labels floats. A value is a list of label names or
@@ -200,13 +214,7 @@ def encode_multi_labels(values: Sequence[Any], *, num_labels: int, labels: Optio
             [t for t in (x.strip() for x in v.split(separator)) if t] if isinstance(v, str) else [v]
         row = [0.0] * num_labels
         for item in items:
-            if isinstance(item, str) and item in index:
-                row[index[item]] = 1.0
-                continue
-            if isinstance(item, str) and item.lstrip("-").isdigit():
-                item = int(item)
-            if isinstance(item, float) and item.is_integer():
-                item = int(item)
+            item = _class_index(item, index)
             if isinstance(item, str) and not labels:
                 raise DataError(f"{where}: row {i} has string label {item!r}; set dataset.labels=[...] to the label "
                                 f"names in index order")
@@ -234,20 +242,12 @@ def encode_labels(values: Sequence[Any], *, num_labels: int, labels: Optional[Se
         if isinstance(v, (list, tuple)):
             raise DataError(f"{where}: row {i} has a list of labels {v!r}; for several labels a text set "
                             f"dataset.task=multi_label")
+        v = _class_index(v, index)
         if isinstance(v, str):
-            v = v.strip()
-            if v in index:
-                out.append(index[v])
-                continue
-            if v.lstrip("-").isdigit():
-                v = int(v)
-            elif labels:
+            if labels:
                 raise DataError(f"{where}: row {i} has label {v!r}, not one of dataset.labels={list(labels)}")
-            else:
-                raise DataError(f"{where}: row {i} has string label {v!r}; set dataset.labels=[...] "
-                                f"to the label names in class-index order")
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
+            raise DataError(f"{where}: row {i} has string label {v!r}; set dataset.labels=[...] "
+                            f"to the label names in class-index order")
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < num_labels:
             raise DataError(f"{where}: row {i} has label {v!r}, outside 0..{num_labels - 1}; "
                             f"fix the row or set dataset.num_labels")
@@ -289,9 +289,9 @@ def prepare_split(ds: datasets.Dataset, tokenizer, *, text_fields: Sequence[str]
     out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
     if has_labels:
         raw = list(ds[label_field])
-        # "" is an empty label set in a multi-label split
-        if not require_labels and any(v is None or (isinstance(v, (str, int, float)) and v in ("", -1)[multi_label:])
-                                      for v in raw):
+        # No label: None, or -1 (GLUE's hub test sets); "" too, except in a multi-label split (an empty set).
+        missing = (-1,) if multi_label else ("", -1)
+        if not require_labels and any(v is None or (not isinstance(v, (list, tuple)) and v in missing) for v in raw):
             has_labels = False  # an unlabeled test split (GLUE's hub test sets use -1)
         elif multi_label:
             out["labels"] = encode_multi_labels(raw, num_labels=num_labels, labels=labels, where=where,

@@ -39,6 +39,12 @@ def greater_is_better(name: str) -> bool:
     return name != "loss"
 
 
+def predictions(task: str, logits: np.ndarray) -> np.ndarray:
+    """A classifier's predictions from its logits: the argmax class, or for multi_label a 0/1 row (a label
+    where its logit > 0, i.e. probability > 0.5)."""
+    return (logits > 0).astype(np.int64) if task == "multi_label" else logits.argmax(-1)
+
+
 def compute_metrics(task: str, num_labels: int, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Metrics of one split from the model's logits ([N, num_labels]) and the true labels ([N]; for
     multi_label [N, num_labels] of 0/1, the accuracy then being the share of examples whose every label is
@@ -49,12 +55,12 @@ def compute_metrics(task: str, num_labels: int, logits: np.ndarray, labels: np.n
         if len(preds) < 2 or np.std(preds) == 0 or np.std(labels) == 0:
             return {"pearson": 0.0, "spearmanr": 0.0}
         return {"pearson": float(pearsonr(preds, labels)[0]), "spearmanr": float(spearmanr(preds, labels)[0])}
-    if task == "multi_label":  # labels [N, num_labels] of 0/1; a label is predicted where its logit > 0
-        preds, labels = (logits > 0).astype(np.int64), labels.astype(np.int64)
+    if task == "multi_label":  # labels [N, num_labels] of 0/1
+        preds, labels = predictions(task, logits), labels.astype(np.int64)
         return {"accuracy": float(np.mean(np.all(preds == labels, axis=1))) if len(labels) else 0.0,
                 "micro_f1": float(f1_score(labels, preds, average="micro", zero_division=0)),
                 "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0))}
-    preds = logits.argmax(-1)
+    preds = predictions(task, logits)
     out = {"accuracy": float(accuracy_score(labels, preds))}
     if task in _F1_TASKS:
         out["f1"] = float(f1_score(labels, preds, zero_division=0))
@@ -74,8 +80,7 @@ def per_class_report(task: str, num_labels: int, logits: np.ndarray, labels: np.
     if num_labels == 1 or task in ("stsb", "regression"):
         return {}
     multi = task == "multi_label"
-    preds = (logits > 0).astype(np.int64) if multi else logits.argmax(-1)
-    labels = labels.astype(np.int64)
+    preds, labels = predictions(task, logits), labels.astype(np.int64)
     index = None if multi else list(range(num_labels))
     p, r, f, support = precision_recall_fscore_support(labels, preds, labels=index, average=None, zero_division=0)
     out = {"per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),

@@ -281,7 +281,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         scalars = self._scalars(state["step"], lr, *group["betas"])
         rows = self._lazy[p]
         rows.record(state["step"], *scalars, 1 - lr * group["weight_decay"])
-        scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=p.device)
+        scale = self.grad_scale if self.grad_scale is not None else rows.one
         rows.step(p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], scale, self._hyper(group))
 
     @staticmethod

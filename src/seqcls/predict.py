@@ -97,7 +97,7 @@ class Predictor:
         model, tokenizer = load_classifier(ckpt / "model", dev)
         log.info("predicting with %s", ckpt)
         return cls(model, tokenizer, label_names(model), list(cfg.dataset.text_fields), cfg.dataset.max_length, dev,
-                   cfg.dataset.get("label_separator", ","))
+                   cfg.dataset.label_separator)
 
     @property
     def multi_label(self) -> bool:

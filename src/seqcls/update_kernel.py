@@ -206,6 +206,7 @@ class LazyRows:
         self.last = torch.zeros(rows, dtype=torch.int32, device=param.device)  # the step each row has reached
         self.wanted = torch.zeros(rows, dtype=torch.int32, device=param.device)  # rows a forward is about to read
         self.hist = torch.zeros((3, capacity), dtype=torch.float32, device=param.device)  # step size, bc2, decay
+        self.one = torch.ones((), dtype=torch.float32, device=param.device)  # the gradient scale without clipping
 
     def record(self, step: torch.Tensor, step_size: torch.Tensor, bc2: torch.Tensor, decay) -> None:
         """Keep this step's scalars (device tensors; ``step`` already counts it) at its place in the ring."""
